@@ -1,0 +1,225 @@
+"""One typed configuration for the whole pipeline.
+
+Layering, lowest to highest: defaults < YAML file < FINETUNE_* environment
+variables (nested with ``__``) < ``--set section.key=value`` overrides.
+Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(Section):
+    source: str = Field(
+        "builtin:capitals",
+        description="Local file or directory, file://, s3://bucket/key, https://…, hf:<dataset id>, or builtin:capitals.",
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    split_seed: int = 0
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    max_line_bytes: int = Field(1 << 20, gt=0)
+
+
+class TemplateConfig(Section):
+    system_prompt: str | None = None
+    max_seq_length: int = Field(512, gt=8)
+    mask_prompt: bool = Field(True, description="Train only on assistant tokens.")
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face repo id or local MLX model directory; builtin:tiny-llama for the demo model.",
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    fine_tune_type: Literal["lora", "dora"] = "lora"
+    num_layers: int = Field(-1, description="Blocks to adapt, counted from the top; -1 for all.")
+    rank: int = Field(8, gt=0)
+    scale: float = Field(20.0, description="The LoRA multiplier itself (mlx-lm convention), not PEFT's alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    keys: list[str] | None = Field(None, description="Module keys to adapt, e.g. self_attn.q_proj; default: all linear layers.")
+
+
+class TrainingConfig(Section):
+    iters: int = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accumulation_steps: int = Field(1, gt=0)
+    seed: int = 0
+    steps_per_report: int = Field(10, gt=0)
+    steps_per_eval: int = Field(50, gt=0)
+    steps_per_checkpoint: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    val_batches: int = Field(-1, description="-1 evaluates the whole validation split.")
+    early_stopping_patience: int | None = Field(None, gt=0)
+    retries: int = Field(2, ge=0, description="Task retries after a crashed training attempt.")
+    retry_delay_seconds: float = Field(5.0, ge=0)
+    use_openblas: Literal["auto", "off"] = Field(
+        "auto", description="On Linux, preload Debian's OpenBLAS into the training process when present."
+    )
+
+
+class EvaluationConfig(Section):
+    max_tokens: int = Field(32, gt=0)
+    max_examples: int = Field(50, gt=0)
+    primary_metric: Literal["auto", "val_loss", "exact_match", "token_f1"] = "auto"
+    promotion_margin: float = Field(0.0, ge=0.0)
+
+
+class StorageConfig(Section):
+    uri: str = Field("finetune-store", description="Local directory, file://… or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, moto).")
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    checksum_mode: Literal["when_supported", "when_required"] = Field(
+        "when_supported", description="when_required for providers that reject the SDK's default checksums."
+    )
+    max_attempts: int = Field(3, gt=0, description="HTTP attempts per S3 call (botocore standard retries).")
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+
+
+SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FINETUNE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    work_dir: Path = Field(Path(".finetune"), description="Run directories, caches and built models.")
+    dataset: DatasetConfig = DatasetConfig()
+    template: TemplateConfig = TemplateConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _YAML_FILE.get("path")
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if yaml_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),)
+        return sources
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration without secrets, for manifests, logs and fingerprints."""
+        data = self.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}})
+        return data
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none), stable across key order."""
+        data = self.public_dict()
+        chosen = {name: data[name] for name in (sections or SECTIONS)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+
+# pydantic-settings builds sources from the class; the YAML path is per call.
+_YAML_FILE: dict[str, Path | None] = {}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["training.iters=10", "model.path=x"]`` into a nested dict; values are YAML scalars."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected section.key=value")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is set twice")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return result
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults, a YAML file, the environment and overrides."""
+    path = Path(config_file) if config_file is not None else None
+    if path is not None:
+        _check_yaml_file(path)
+    init = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    _YAML_FILE["path"] = path
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+    finally:
+        _YAML_FILE.pop("path", None)
+
+
+def _check_yaml_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None = None) -> str:
+    """One line per problem, each naming the dotted key."""
+    where = f" (config file {path}, environment FINETUNE_*, or --set)" if path else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}{where}")
+        else:
+            lines.append(f"config key {key!r}: {err['msg']}{where}")
+    return "; ".join(lines)
