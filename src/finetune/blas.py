@@ -1,0 +1,49 @@
+"""Debian's OpenBLAS for MLX's CPU backend on Linux.
+
+The mlx-cpu wheel links the reference BLAS; preloading OpenBLAS into a fresh
+process makes its matrix products an order of magnitude faster. Optional:
+where the library is absent, nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+)
+DISABLE_ENV = "FINETUNE_OPENBLAS"  # set to "off" to run with the wheel's BLAS
+
+
+def openblas_library() -> str | None:
+    """Path of Debian's OpenBLAS when it is present and wanted on this machine."""
+    if platform.system() != "Linux" or os.environ.get(DISABLE_ENV, "auto") == "off":
+        return None
+    return next((p for p in OPENBLAS_CANDIDATES if Path(p).exists()), None)
+
+
+def is_preloaded(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return any("libopenblas" in part for part in env.get("LD_PRELOAD", "").split(":"))
+
+
+def preload_env(env: dict[str, str] | None = None, enabled: bool = True) -> tuple[dict[str, str], str | None]:
+    """A copy of ``env`` that preloads OpenBLAS in a child process, and the library used (or None)."""
+    env = dict(os.environ if env is None else env)
+    library = openblas_library() if enabled else None
+    if library and not is_preloaded(env):
+        env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD", "")]))
+    return env, library if library and is_preloaded(env) else None
+
+
+def reexec_with_openblas() -> None:
+    """Restart this process with OpenBLAS preloaded, once; a no-op when absent or already done."""
+    if is_preloaded() or openblas_library() is None or os.environ.get("FINETUNE_REEXEC") == "1":
+        return
+    env, _ = preload_env()
+    env["FINETUNE_REEXEC"] = "1"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
