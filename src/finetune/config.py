@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,11 +92,53 @@ class TrainingConfig(Section):
     )
 
 
+# Metric names the evaluation measures; "val"/"test" are the loss splits.
+EvalMetric = Literal[
+    "val_loss", "val_ppl", "test_loss", "test_ppl", "exact_match", "contains", "token_f1", "regex_pass", "json_valid"
+]
+
+
 class EvaluationConfig(Section):
-    max_tokens: int = Field(32, gt=0)
-    max_examples: int = Field(50, gt=0)
-    primary_metric: Literal["auto", "val_loss", "exact_match", "token_f1"] = "auto"
-    promotion_margin: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(32, gt=0, description="Greedy answer length limit, in tokens.")
+    max_examples: int = Field(50, gt=0, description="Questions answered by each model (the first N of the test split).")
+    batch_size: int = Field(8, gt=0, description="Sequences per forward pass for loss evaluation.")
+    generation_batch_size: int = Field(32, gt=0, description="Prompts decoded together by batched generation.")
+    primary_metric: Literal["auto"] | EvalMetric = Field(
+        "auto", description="Metric that decides promotion; auto: exact_match for question→answer data, else val_loss."
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0.0, description="How much the candidate must beat the champion by, in the primary metric's units."
+    )
+    require_beat_base: bool = Field(True, description="Never promote a candidate no better than the base model.")
+    floors: dict[EvalMetric, float] = Field(
+        default_factory=dict,
+        description="Absolute bounds the candidate must meet to be promoted: at least the value for scores "
+        "(exact_match: 0.5), at most for losses (val_loss: 2.0). Non-finite metrics always fail.",
+    )
+    answer_regex: str | None = Field(None, description="regex_pass: share of answers in which this pattern is found (re.search).")
+    json_schema: dict[str, Any] | Path | None = Field(
+        None, description="json_valid: share of answers that parse as JSON and satisfy this schema (inline or a .json file)."
+    )
+    samples_in_report: int = Field(5, ge=0, description="Example generations shown next to their references.")
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any] | Path | None) -> dict[str, Any] | Path | None:
+        if value is not None:
+            from finetune.evaluation import load_json_schema
+
+            load_json_schema(value)
+        return value
 
 
 class StorageConfig(Section):
@@ -110,6 +154,18 @@ class StorageConfig(Section):
     max_attempts: int = Field(3, gt=0, description="HTTP attempts per S3 call (botocore standard retries).")
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="S3 addressing; path for MinIO and other endpoints without bucket DNS names."
+    )
+    multipart_threshold_mib: int = Field(16, gt=4, description="Files at least this large upload in parts.")
+    multipart_chunk_mib: int = Field(16, ge=5, description="Part size (S3 minimum 5 MiB).")
+    max_concurrency: int = Field(4, gt=0, description="Parallel part uploads/downloads per file.")
+    step_attempts: int = Field(
+        3, gt=0,
+        description="Attempts of a whole publish step for what the SDK does not retry "
+        "(409 conflicts, failed verification, an upload that gave up).",
+    )
+    step_retry_wait_seconds: float = Field(2.0, ge=0, description="First wait between step attempts (doubles).")
 
 
 SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage")
