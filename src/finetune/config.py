@@ -35,20 +35,53 @@ class Section(BaseModel):
 class DatasetConfig(Section):
     source: str = Field(
         "builtin:capitals",
-        description="Local file or directory, file://, s3://bucket/key, https://…, hf:<dataset id>, or builtin:capitals.",
+        description="Local file, directory or archive (.tar, .tar.gz, .zip), file://, s3://bucket/key, https://…, "
+        "hf:<dataset id>[@revision], or builtin:capitals. A directory or archive may hold train/valid/test files.",
     )
-    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto", description="File format; auto picks it from each file's extension."
+    )
+    row_schema: Literal["auto", "chat", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Row shape; auto detects it from the first row and holds every later row to it.",
+    )
+    field_map: dict[Literal["messages", "prompt", "completion", "text", "system", "tools"], str] = Field(
+        default_factory=dict,
+        description="Canonical field -> source column, e.g. {prompt: question, completion: answer}.",
+    )
+    templates: dict[Literal["prompt", "completion", "text", "system"], str] = Field(
+        default_factory=dict,
+        description="Canonical field -> Jinja2 template over the row's columns, "
+        "e.g. {prompt: '{{instruction}}\\n\\n{{input}}', completion: '{{output}}'}.",
+    )
     split_seed: int = 0
-    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    on_bad_row: Literal["fail", "skip"] = "fail"
-    max_line_bytes: int = Field(1 << 20, gt=0)
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when there is no valid file.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when there is no test file.")
+    on_bad_row: Literal["fail", "skip"] = Field(
+        "fail", description="fail: the first bad row stops the run; skip: drop bad rows and report how many."
+    )
+    max_line_bytes: int = Field(1 << 20, gt=0, description="Largest accepted line (JSONL/CSV) or canonical row.")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of a downloaded https:// source."
+    )
+    max_download_bytes: int = Field(10 << 30, gt=0, description="Size cap for an https:// download.")
+    max_archive_bytes: int = Field(10 << 30, gt=0, description="Cap on the total extracted size of an archive.")
+    max_archive_members: int = Field(10_000, gt=0, description="Cap on the number of files in an archive.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Network timeout for https:// sources.")
 
 
 class TemplateConfig(Section):
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="Prepended to conversations that have no system message.")
+    chat_template: str | None = Field(
+        None, description="Jinja2 chat template replacing the tokenizer's (default: the tokenizer's, else ChatML)."
+    )
     max_seq_length: int = Field(512, gt=8)
-    mask_prompt: bool = Field(True, description="Train only on assistant tokens.")
+    mask_prompt: bool = Field(True, description="Train only on assistant tokens (every assistant turn).")
+    truncation: Literal["truncate", "drop", "fail"] = Field(
+        "truncate",
+        description="Rows longer than max_seq_length: keep the first max_seq_length tokens, drop the row, or fail. "
+        "A row left with no supervised token is a bad row (dataset.on_bad_row).",
+    )
 
 
 class ModelConfig(Section):
