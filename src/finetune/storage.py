@@ -147,6 +147,7 @@ class Store(ABC):
     """A flat key space of whole objects. Keys are relative to the store's root."""
 
     uri: str  # shown to users and recorded in manifests; never contains credentials
+    cfg: StorageConfig  # retry and transfer settings for the layers above
 
     @abstractmethod
     def put_file(self, key: str, path: Path, metadata: dict[str, str] | None = None,
@@ -209,8 +210,9 @@ class LocalStore(Store):
     _TMP = ".tmp"
     _LOCKS = ".locks"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cfg: StorageConfig | None = None):
         self.root = Path(root).expanduser().absolute()
+        self.cfg = cfg or StorageConfig(uri=str(self.root))
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -662,7 +664,7 @@ def open_store(cfg: StorageConfig, uri: str | None = None) -> Store:
     """The store for ``uri`` (default ``cfg.uri``): a local directory, ``file://…`` or ``s3://bucket/prefix``."""
     kind, where, prefix = parse_uri(uri or cfg.uri)
     if kind == "local":
-        return LocalStore(Path(where))
+        return LocalStore(Path(where), cfg)
     return S3Store(s3_client(cfg), where, prefix, cfg, cfg.endpoint_url)
 
 
