@@ -103,11 +103,19 @@ class LoraConfig(Section):
 
 
 class TrainingConfig(Section):
-    iters: int = Field(200, gt=0)
+    iters: int = Field(200, gt=0, description="Optimizer steps (ignored when epochs is set).")
+    epochs: float | None = Field(None, gt=0, description="Train for this many passes over the data instead of iters.")
     batch_size: int = Field(8, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decays to learning_rate * min_lr_ratio.")
+    sort_window_batches: int = Field(
+        16, gt=0, description="Rows are length-sorted within shuffled windows of this many batches (less padding)."
+    )
+    final_adapter: Literal["best", "last"] = Field(
+        "best", description="Publish the adapter of the best validation loss, or of the last step."
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accumulation_steps: int = Field(1, gt=0)
