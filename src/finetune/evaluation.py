@@ -400,6 +400,25 @@ class EvalReport:
             **self.extra,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        """Inverse of ``to_dict`` (non-finite metrics, stored as null, come back as NaN)."""
+        known = {"primary_metric", "higher_is_better", "generation_split", "decision", "metrics", "variants", "questions", "references"}
+        variants = {
+            name: VariantEval(**{**v, "metrics": {k: math.nan if x is None else x for k, x in v["metrics"].items()}})
+            for name, v in data["variants"].items()
+        }
+        return cls(
+            primary_metric=data["primary_metric"],
+            higher_is_better=data["higher_is_better"],
+            generation_split=data["generation_split"],
+            questions=list(data["questions"]),
+            references=list(data["references"]),
+            variants=variants,
+            decision=Decision(**data["decision"]),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
 
 def _finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
     """Strict JSON has no NaN or Infinity; the decision's reason names any non-finite metric."""
