@@ -207,6 +207,11 @@ class StorageConfig(Section):
         "(409 conflicts, failed verification, an upload that gave up).",
     )
     step_retry_wait_seconds: float = Field(2.0, ge=0, description="First wait between step attempts (doubles).")
+    verify_read_back: bool = Field(
+        False,
+        description="Also download each uploaded file and compare its sha256, for stores that do not "
+        "validate checksums themselves (real S3 does; moto and some S3-compatible servers do not).",
+    )
 
 
 SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage")

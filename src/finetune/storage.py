@@ -450,8 +450,9 @@ class S3Store(Store):
             problems.append(f"metadata sha256 {info.metadata.get('sha256')!r} != {digest.sha256[:12]}…")
         if info.crc32 is not None and info.crc32 != digest.crc32:
             problems.append(f"stored CRC32 {info.crc32} != {digest.crc32}")
-        if not problems and info.crc32 is None:
-            # The store reported no checksum (older providers, checksum_mode=when_required): read it back.
+        if not problems and (info.crc32 is None or self.cfg.verify_read_back):
+            # No stored checksum to compare (checksum_mode=when_required, older providers), or a store
+            # that records the client's checksum without validating it: read the object back.
             stored = self._stream_digest(key)
             if stored.sha256 != digest.sha256:
                 problems.append(f"content sha256 {stored.sha256[:12]}… != {digest.sha256[:12]}…")
