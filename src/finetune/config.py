@@ -99,7 +99,10 @@ class LoraConfig(Section):
     rank: int = Field(8, gt=0)
     scale: float = Field(20.0, description="The LoRA multiplier itself (mlx-lm convention), not PEFT's alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    keys: list[str] | None = Field(None, description="Module keys to adapt, e.g. self_attn.q_proj; default: all linear layers.")
+    # Not named "keys": a pydantic field called keys makes dict(model) fail, which Prefect does on task inputs.
+    layer_keys: list[str] | None = Field(
+        None, description="Module keys to adapt, e.g. self_attn.q_proj; default: all linear layers."
+    )
 
 
 class TrainingConfig(Section):

@@ -181,8 +181,8 @@ def load_model(settings: Settings, model_path: str) -> tuple[nn.Module, Any, Pat
 
 def lora_parameters(settings: Settings) -> dict[str, Any]:
     params: dict[str, Any] = {"rank": settings.lora.rank, "scale": settings.lora.scale, "dropout": settings.lora.dropout}
-    if settings.lora.keys is not None:
-        params["keys"] = list(settings.lora.keys)
+    if settings.lora.layer_keys is not None:
+        params["keys"] = list(settings.lora.layer_keys)
     return params
 
 
@@ -378,10 +378,10 @@ class Trainer:
         if event["event"] in ("train", "eval", "skip", "checkpoint", "resume", "done"):
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
-        if event["event"] in ("skip", "warning"):
-            log.warning("%s", event.get("message") or event)
         if self.on_progress is not None:
             self.on_progress(event)
+        elif event["event"] in ("skip", "warning"):
+            log.warning("%s", event["message"])
 
     # ----- checkpoints
 
