@@ -1,0 +1,148 @@
+"""Prefect tasks for the data stages: fetch + validate, template once (cached by version), report.
+
+Results are small JSON dicts of versions and paths (never pickles); the
+training child reads the tokenized file by path.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.logging.loggers import task_run_logger
+from prefect.states import State
+
+from finetune.config import DatasetConfig, StorageConfig, TemplateConfig
+from finetune.data import (
+    FetchError,
+    Splits,
+    load_splits,
+    read_tokenized,
+    save_tokenized,
+    tokenize_splits,
+    tokenized_version,
+)
+from finetune.data_report import build_report, report_markdown, write_report
+from finetune.templating import load_tokenizer, template_fingerprint
+
+REPORT_KEY = "data-report"
+TOKENIZED_FILE = "tokens.safetensors"
+CACHE_DAYS = 30
+
+
+def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry network and storage hiccups; a bad row or a missing file fails the same way again."""
+    from finetune.storage import NotFoundError, StorageError, UnsafeKeyError
+
+    try:
+        state.result()
+    except FetchError:
+        return True
+    except (NotFoundError, UnsafeKeyError):
+        return False
+    except (StorageError, OSError):
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(
+    name="fetch-dataset",
+    cache_policy=NO_CACHE,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_transient,
+)
+def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_dir: str) -> dict[str, Any]:
+    """Fetch and validate every row; returns ``{"version", "directory", "counts", "bad_rows"}``.
+
+    Always runs: whether the data changed is only known after reading it.
+    """
+    logger = get_run_logger()
+    splits = load_splits(dataset, storage, Path(work_dir))
+    counts = splits.counts()
+    logger.info(
+        "dataset version %s: %s", splits.version()[:16], ", ".join(f"{k} {v} rows" for k, v in counts.items())
+    )
+    if splits.bad_rows:
+        logger.warning("skipped %d bad rows (dataset.on_bad_row=skip); first: %s", splits.bad_rows, splits.problems[0])
+    return {"version": splits.version(), "directory": str(splits.directory), "counts": counts, "bad_rows": splits.bad_rows}
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_path: str) -> Any:
+    return load_tokenizer(model_path)
+
+
+def _target(dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str) -> tuple[str, Path]:
+    version = tokenized_version(
+        Splits.open(dataset_dir).version(), template_fingerprint(_tokenizer(model_path), template), on_bad_row
+    )
+    return version, Path(work_dir) / "tokenized" / version / TOKENIZED_FILE
+
+
+def _tokenized_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The tokenized version, while its file is on disk; a deleted file must be rebuilt, not looked up."""
+    version, path = _target(
+        parameters["dataset_dir"], parameters["model_path"], parameters["template"], parameters["on_bad_row"],
+        parameters["work_dir"],
+    )
+    return f"tokenized-{version}" if path.is_file() else None
+
+
+def _log_reuse(task: Task, task_run: TaskRun, state: State) -> None:
+    if state.name == "Cached":
+        task_run_logger(task_run, task).info("reusing cached tokenized dataset %s", state.result()["version"])
+
+
+@task(
+    name="template-dataset",
+    cache_key_fn=_tokenized_cache_key,
+    cache_expiration=timedelta(days=CACHE_DAYS),
+    persist_result=True,
+    result_serializer="json",
+    on_completion=[_log_reuse],
+)
+def template_dataset(
+    dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str
+) -> dict[str, Any]:
+    """Tokenize every split once per version; returns ``{"version", "dataset_version", "path"}``.
+
+    ``model_path`` is a local model directory (or a Hugging Face id mlx-lm can fetch).
+    """
+    logger = get_run_logger()
+    version, path = _target(dataset_dir, model_path, template, on_bad_row, work_dir)
+    result = {"version": version, "dataset_version": Splits.open(dataset_dir).version(), "path": str(path)}
+    if path.is_file():
+        logger.info("reusing cached tokenized dataset %s", version)
+        return result
+    data = tokenize_splits(Splits.open(dataset_dir), _tokenizer(model_path), template, on_bad_row)
+    save_tokenized(path, data)
+    rows = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
+    logger.info("tokenized dataset %s: %s rows", version, rows)
+    if data.stats["bad_rows"]:
+        logger.warning("skipped %d rows while templating; first: %s", data.stats["bad_rows"], data.stats["problems"][0])
+    return result
+
+
+@task(name="report-dataset", cache_policy=NO_CACHE, result_serializer="json")
+def report_dataset(dataset_dir: str, tokenized_path: str, run_dir: str, batch_size: int) -> dict[str, str]:
+    """Write data_report.md/.json into the run directory and publish the Markdown as an artifact."""
+    report = build_report(Splits.open(dataset_dir), read_tokenized(tokenized_path), batch_size)
+    md, js = write_report(report, run_dir)
+    create_markdown_artifact(
+        markdown=report_markdown(report),
+        key=REPORT_KEY,
+        description=f"run {Path(run_dir).name}: data version {report['dataset_version'][:16]}",
+    )
+    return {"markdown": str(md), "json": str(js)}
