@@ -130,16 +130,8 @@ def install_hook(client, plan: FaultPlan) -> None:
     from moto.core.models import botocore_stubber
 
     def handler(request, **kwargs):
-        body = request.body
-        if hasattr(body, "read"):
-            pos = body.tell()
-            data = body.read()
-            body.seek(pos)
-        else:
-            data = body or b""
-        if isinstance(data, str):
-            data = data.encode()
-        req = Req.from_url(request.method, request.url, dict(request.headers), data)
+        # The body stays unread: over HTTPS it is an aws-chunked stream that botocore rewinds itself.
+        req = Req.from_url(request.method, request.url, dict(request.headers), b"")
         rule = plan.decide(req)
         if rule is None:
             return None
