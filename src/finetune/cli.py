@@ -48,6 +48,93 @@ def settings_from(config: Path | None, overrides: list[str] | None) -> Settings:
     return load_settings(config, overrides or [])
 
 
+DEMO_BANNER = (
+    "finetune demo: tiny random-init Llama + bundled capitals dataset -> LoRA with MLX -> "
+    "evaluation -> local object store, through a Prefect flow"
+)
+
+
+@app.command()
+@user_errors
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Run directories, caches and the built tiny model.")] = Path(".finetune"),
+    store: Annotated[str, typer.Option(help="Where to publish: a directory, file://… or s3://bucket/prefix.")] = "finetune-store",
+    overrides: SetOption = None,
+) -> None:
+    """Run the whole pipeline on the embedded defaults: offline, no accounts, a minute or two."""
+    console.print(DEMO_BANNER, highlight=False)
+    settings = settings_from(None, [f"work_dir={work_dir}", f"storage.uri={store}", *(overrides or [])])
+    print_summary(run_pipeline(settings))
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+) -> None:
+    """Run the pipeline (fetch, template, train, evaluate, publish) on your configuration."""
+    settings = settings_from(config, overrides)
+    print_summary(run_pipeline(settings, run_id=run_id, fresh=fresh))
+
+
+@app.command()
+@user_errors
+def train(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+) -> None:
+    """Run the training stage alone (fetch, template, train) without Prefect; prints the adapter path."""
+    from finetune.stages import train_stage
+
+    settings = settings_from(config, overrides)
+    result = train_stage(settings, run_id, fresh=fresh, log=lambda line: console.print(line, highlight=False))
+    typer.echo(f"adapter: {result.adapter_dir}")
+    typer.echo(f"validation loss: {result.initial_val_loss} -> {result.best_val_loss} (best, step {result.best_step})")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    adapter: Annotated[str, typer.Option(help="Bundle directory, <store>/runs/<run_id> or <store>/champion.")],
+    against: Annotated[str, typer.Option(help="Compare with: base, or champion (also includes base).")] = "base",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Evaluate an adapter on the configured dataset and print the comparison table."""
+    from finetune.report import format_comparison_table
+    from finetune.stages import evaluate_stage
+
+    if against not in ("base", "champion"):
+        raise typer.BadParameter("expected base or champion", param_hint="--against")
+    settings = settings_from(config, overrides)
+    report = evaluate_stage(settings, adapter, against_champion=against == "champion")
+    Console().print(format_comparison_table(report))
+    typer.echo(f"decision: {'promote' if report.decision.promote else 'keep'}: {report.decision.reason}")
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    adapter: Annotated[Optional[str], typer.Option(help="Bundle directory, <store>/runs/<run_id> or <store>/champion.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the bundle was trained on).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens.")] = 64,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Answer a prompt with base + adapter, using the chat template the adapter was trained with."""
+    from finetune.stages import generate_text
+
+    settings = settings_from(config, overrides)
+    generate_text(settings, prompt, adapter, model, max_tokens, on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+
+
 @app.command("tiny-model")
 @user_errors
 def tiny_model(out: Annotated[Path, typer.Argument(help="Directory to write the model to.")]) -> None:
@@ -58,7 +145,45 @@ def tiny_model(out: Annotated[Path, typer.Argument(help="Directory to write the 
     typer.echo(f"tiny model written to {path}")
 
 
+def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = False) -> dict:
+    """Check what can be checked cheaply, then run the Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
+    from finetune.stages import preflight
+
+    preflight(settings)
+    # Prefect's ephemeral server needs ~18 s to start on a small machine; its default timeout is 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.finetune import finetune_pipeline, flow_parameters
+
+    return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh)
+
+
+def print_summary(result: dict) -> None:
+    metrics = result["metrics"]
+    base, cand = metrics["base"], metrics["candidate"]
+    out = Console()
+    out.print()
+    out.print(f"[bold]run[/] {result['run_id']}")
+    out.print(f"validation loss: base {base['val_loss']:.4f} -> adapter {cand['val_loss']:.4f}", highlight=False)
+    out.print(f"perplexity:      base {base['val_ppl']:.2f} -> adapter {cand['val_ppl']:.2f}", highlight=False)
+    out.print(f"published to {result['bundle_uri']}", highlight=False)
+    out.print(f"champion: {'yes' if result['promoted'] else 'no'} ({result['promotion_reason']})", highlight=False)
+    out.print("try it:", highlight=False)
+    out.print(f"  finetune generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
+
+
+def _register_subcommands() -> None:
+    from finetune import cli_data
+
+    app.add_typer(cli_data.app, name="data")
+
+
+_register_subcommands()
+
+
 def main() -> None:
+    from finetune.blas import reexec_with_openblas
+
+    reexec_with_openblas()
     app()
 
 

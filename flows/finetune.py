@@ -1,0 +1,156 @@
+"""The finetune pipeline: fetch -> template -> train -> evaluate -> publish.
+
+Parameters mirror the configuration sections, so the Prefect UI shows a typed
+form. Secrets are not parameters: workers read them from their environment
+(FINETUNE_STORAGE__*, or the standard AWS chain).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from prefect import flow, get_run_logger
+
+from finetune.config import (
+    DatasetConfig,
+    EvaluationConfig,
+    LoraConfig,
+    ModelConfig,
+    SECTIONS,
+    Settings,
+    StorageConfig,
+    TemplateConfig,
+    TrainingConfig,
+    load_settings,
+)
+from finetune.data import Splits, load_tokenized
+from tasks.bundle import assemble_bundle
+from tasks.data import fetch_dataset, report_dataset, template_dataset
+from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
+from tasks.prepare import check_storage, resolve_model
+from tasks.publish import champion_bundle, promote_candidate, publish_bundle
+from tasks.train import train_adapter_task
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid4().hex[:6]
+
+
+@flow(name="finetune-pipeline", log_prints=True)
+def finetune_pipeline(
+    dataset: DatasetConfig = DatasetConfig(),
+    template: TemplateConfig = TemplateConfig(),
+    model: ModelConfig = ModelConfig(),
+    lora: LoraConfig = LoraConfig(),
+    training: TrainingConfig = TrainingConfig(),
+    evaluation: EvaluationConfig = EvaluationConfig(),
+    storage: StorageConfig = StorageConfig(),
+    work_dir: str = ".finetune",
+    run_id: str | None = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Train, evaluate and publish one LoRA adapter; re-running with the same run_id resumes it."""
+    settings = settings_from_parameters(locals())
+    run_id = run_id or new_run_id()
+    run_dir = str(Path(work_dir) / "runs" / run_id)
+    get_run_logger().info("run %s in %s", run_id, run_dir)
+
+    store_uri = check_storage(settings.storage)
+    model_path = resolve_model(settings.model.path, work_dir)
+
+    fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
+    tokens = template_dataset(fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir)
+    report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
+
+    trained = train_adapter_task(settings)(settings, model_path, tokens["path"], run_dir, fresh=fresh)
+
+    champion_dir = champion_bundle(settings.storage, work_dir)
+    report = evaluate_adapter(
+        model_path,
+        trained["adapter_dir"],
+        load_tokenized(tokens["path"]),
+        splits_rows(fetched["directory"]),
+        settings,
+        run_id,
+        champion_dir=champion_dir,
+    )
+
+    reports = write_reports(
+        report,
+        trained["history"],
+        run_dir,
+        base_model=settings.model.path,
+        data_version=fetched["version"],
+        hyperparameters={**settings.lora.model_dump(), **settings.training.model_dump()},
+        run_id=run_id,
+    )
+    metrics = {"evaluation": report["metrics"], "decision": report["decision"], "training": summary_of(trained)}
+    bundle_dir = assemble_bundle(
+        run_dir, trained["adapter_dir"], model_path, settings.template, settings.public_dict(), metrics, reports
+    )
+    published = publish_bundle(
+        settings.storage, run_id, bundle_dir, manifest_fields(settings, fetched["version"], tokens["version"], report)
+    )
+    promotion = promote_candidate(settings.storage, run_id, report, settings.evaluation.promotion_margin)
+    link_bundle(published["uri"], run_id, promotion["promoted"])
+
+    return {
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "store": store_uri,
+        "bundle_uri": published["uri"],
+        "model_path": model_path,
+        "dataset_version": fetched["version"],
+        "metrics": report["metrics"],
+        "promoted": promotion["promoted"],
+        "promotion_reason": promotion["reason"],
+        "training": summary_of(trained),
+    }
+
+
+def flow_parameters(settings: Settings) -> dict[str, Any]:
+    """The flow's parameters for these settings (the sections and the work directory)."""
+    return {**{name: getattr(settings, name) for name in SECTIONS}, "work_dir": str(settings.work_dir)}
+
+
+def settings_from_parameters(parameters: dict[str, Any]) -> Settings:
+    """Flow parameters over the worker's environment; secrets left unset come from the environment."""
+    sections = {
+        name: value.model_dump(exclude_none=True)
+        for name, value in parameters.items()
+        if hasattr(value, "model_dump")
+    }
+    return load_settings(overrides={"work_dir": parameters["work_dir"], **sections})
+
+
+def splits_rows(directory: str) -> dict[str, list[dict[str, Any]]]:
+    splits = Splits.open(directory)
+    return {name: list(splits.rows(name)) for name in ("valid", "test")}
+
+
+def summary_of(trained: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in trained.items() if k not in ("history", "adapter_dir")}
+
+
+def manifest_fields(settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]) -> dict[str, Any]:
+    from finetune import __version__
+
+    candidate = report["metrics"]["candidate"]
+    return {
+        "base_model": {"path": settings.model.path, "revision": settings.model.revision},
+        "dataset_version": data_version,
+        "tokenized_version": tokens_version,
+        "config": settings.public_dict(),
+        "config_fingerprint": settings.fingerprint(),
+        "metrics": report["metrics"],
+        "decision": report["decision"],
+        "evaluation": {
+            "metric": report["primary_metric"],
+            "score": candidate.get(report["primary_metric"]),
+            "higher_is_better": report["higher_is_better"],
+        },
+        "code_version": __version__,
+    }

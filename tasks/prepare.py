@@ -1,0 +1,30 @@
+"""Prefect tasks that prepare a run: storage reachable, base model resolved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from finetune.config import StorageConfig
+from finetune.storage import check_reachable, open_store
+from finetune.tiny_model import resolve_model_path
+
+
+@task(name="check-storage", cache_policy=NO_CACHE, result_serializer="json")
+def check_storage(storage: StorageConfig) -> str:
+    """Fail before any training when the store is unreachable or misconfigured; returns its URI."""
+    store = open_store(storage)
+    check_reachable(store)
+    get_run_logger().info("publishing to %s", store.uri)
+    return store.uri
+
+
+@task(name="resolve-model", cache_policy=NO_CACHE, result_serializer="json")
+def resolve_model(model: str, work_dir: str) -> str:
+    """A local model directory or a Hugging Face id; builds the tiny demo model on first use."""
+    path = resolve_model_path(model, Path(work_dir))
+    get_run_logger().info("base model: %s", path)
+    return path
