@@ -122,11 +122,9 @@ def _md_cell(text: str) -> str:
 # ---------------------------------------------------------------- files
 
 
-def write_loss_plot(history: Sequence[Mapping[str, Any]], out_path: Path) -> Path:
-    """PNG of train and validation loss against step from ``[{"step", "train_loss"?, "val_loss"?}, …]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def loss_figure(history: Sequence[Mapping[str, Any]]) -> Any:
+    """Train and validation loss against step from ``[{"step", "train_loss"?, "val_loss"?}, …]``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     train = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
@@ -134,6 +132,8 @@ def write_loss_plot(history: Sequence[Mapping[str, Any]], out_path: Path) -> Pat
     if not train and not val:
         raise ValueError("training history has no train_loss or val_loss entries to plot")
     fig = Figure(figsize=(7, 4.2), dpi=120)
+    # An explicit Agg canvas: no GUI backend, and no process-wide matplotlib.use() switch.
+    FigureCanvasAgg(fig)
     ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.5)
@@ -145,6 +145,12 @@ def write_loss_plot(history: Sequence[Mapping[str, Any]], out_path: Path) -> Pat
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def write_loss_plot(history: Sequence[Mapping[str, Any]], out_path: Path) -> Path:
+    """The loss curve as a PNG (matplotlib's Agg renderer, no display needed)."""
+    fig = loss_figure(history)
     return _atomic_write(out_path, lambda f: fig.savefig(f, format="png"))
 
 
@@ -183,6 +189,7 @@ def model_card_markdown(
     plot_file: str | None = PLOT_FILE,
 ) -> str:
     where = bundle_uri or "<bundle directory>"
+    local = "://" not in where or where.startswith("file://")
     variants = ordered_variants(report)
     lines = [
         f"# LoRA adapter for {base_model}",
@@ -217,7 +224,8 @@ def model_card_markdown(
         "",
         "```python",
         "from mlx_lm import load, generate",
-        f'model, tokenizer = load("{base_model}", adapter_path="{where}")',
+        *([] if local else [f"# adapter_path: a local copy of {where}"]),
+        f'model, tokenizer = load("{base_model}", adapter_path="{where if local else "bundle"}")',
         'messages = [{"role": "user", "content": "Your question"}]',
         "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
         "print(generate(model, tokenizer, prompt, max_tokens=64))",
