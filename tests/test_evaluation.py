@@ -247,9 +247,10 @@ def test_a_worse_candidate_is_not_promoted(tiny_model_dir, good_adapter, bad_ada
 
 
 def test_first_candidate_is_judged_against_the_base(tiny_model_dir, good_adapter, encoded, splits, settings):
-    data = {"valid": _data(encoded)["valid"]}
+    data = {"valid": _data(encoded)["valid"], "train": encoded["train"][:4]}
     report = evaluate_candidate(str(tiny_model_dir), good_adapter, data, {"valid": splits.valid}, settings)
     assert list(report.variants) == ["base", "candidate"]
+    assert "val_loss" in report.candidate.metrics and not any(m.startswith("train") for m in report.candidate.metrics)
     assert report.generation_split == "valid"
     assert report.decision.promote and "no champion" in report.decision.reason
 

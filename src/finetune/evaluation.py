@@ -25,8 +25,9 @@ from finetune.report import higher_is_better, primary_score
 from finetune.templating import Encoded, encode_prompt
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
-# Split names in `data` map to metric prefixes; "valid" reads as the familiar val_loss.
-SPLIT_PREFIX = {"valid": "val", "test": "test", "train": "train"}
+# Loss is measured on these splits (train is skipped: it says nothing about generalisation and is the
+# largest); "valid" reads as the familiar val_loss.
+LOSS_SPLITS = {"valid": "val", "test": "test"}
 GENERATION_SPLITS = ("test", "valid")
 
 
@@ -427,8 +428,8 @@ def _finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
 
 def _fingerprint(data: Mapping[str, Sequence[Encoded]], prompts: Sequence[list[int]]) -> str:
     h = hashlib.sha256()
-    for split in sorted(data):
-        for e in data[split]:
+    for split in LOSS_SPLITS:
+        for e in data.get(split, ()):
             h.update(f"{split}:{e.input_ids}:{e.loss_mask}\n".encode())
     for p in prompts:
         h.update(f"prompt:{p}\n".encode())
@@ -447,10 +448,10 @@ def evaluate_variant(
 ) -> VariantEval:
     """Loss per split and generation metrics for one loaded model; the inputs' hash is recorded."""
     metrics: dict[str, float] = {}
-    for split, examples in data.items():
+    for split, prefix in LOSS_SPLITS.items():
+        examples = data.get(split)
         if not examples:
             continue
-        prefix = SPLIT_PREFIX.get(split, split)
         result = evaluate_loss(model, examples, cfg.batch_size)
         metrics[f"{prefix}_loss"] = result["loss"]
         metrics[f"{prefix}_ppl"] = result["perplexity"]
@@ -471,7 +472,7 @@ def evaluate_candidate(
 ) -> EvalReport:
     """Evaluate base, champion (when given) and candidate on identical inputs, and decide promotion.
 
-    ``data`` maps split names to encoded examples for loss ("valid" gives val_loss);
+    ``data`` maps split names to encoded examples; loss is measured on "valid" (val_loss) and "test";
     ``rows`` maps split names to chat rows; generation uses the first non-empty of
     test, valid (capped at evaluation.max_examples).
     """
