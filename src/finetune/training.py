@@ -342,8 +342,8 @@ class Trainer:
 
     # ----- steps
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
-        """One optimizer step over ``micro_batches``; batches with no targets or non-finite values are skipped."""
+    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[dict | None, float, int, list[str]]:
+        """Summed gradients, summed loss and target count of the usable micro-batches, and why others were skipped."""
         grads, loss_sum, n_targets, skipped = None, 0.0, 0, []
         for batch in micro_batches:
             if batch.n_targets == 0:
@@ -351,12 +351,20 @@ class Trainer:
                 continue
             loss, sq_norm, g = self._grad_fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
             mx.eval(loss, sq_norm, g)
-            if not (math.isfinite(loss.item()) and math.isfinite(sq_norm.item())):
-                skipped.append(f"non-finite {'loss' if not math.isfinite(loss.item()) else 'gradient'}")
+            if not math.isfinite(loss.item()):
+                skipped.append("non-finite loss")
+                continue
+            if not math.isfinite(sq_norm.item()):
+                skipped.append("non-finite gradient")
                 continue
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum += loss.item()
             n_targets += batch.n_targets
+        return grads, loss_sum, n_targets, skipped
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
+        """One optimizer step over ``micro_batches``, weighted by target tokens; bad micro-batches are left out."""
+        grads, loss_sum, n_targets, skipped = self.accumulate(micro_batches)
         if grads is not None:
             self._update_fn(grads, mx.array(n_targets, mx.float32))
             mx.eval(self.model.parameters(), self.optimizer.state)
