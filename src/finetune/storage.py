@@ -574,6 +574,7 @@ def s3_error(exc: BaseException, context: str) -> StorageError:
         ClientError,
         ConnectTimeoutError,
         EndpointConnectionError,
+        FlexibleChecksumError,
         NoCredentialsError,
         PartialCredentialsError,
         ReadTimeoutError,
@@ -597,6 +598,8 @@ def s3_error(exc: BaseException, context: str) -> StorageError:
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return StorageError(f"{context}: access denied ({code}); check storage credentials")
         return StorageError(f"{context}: {code or status} {message}")
+    if isinstance(exc, FlexibleChecksumError):
+        return VerificationError(f"{context}: the object does not match its stored checksum ({_one_line(exc)})")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{context}: no usable credentials; set storage.access_key_id/secret_access_key or the AWS environment"
