@@ -114,7 +114,7 @@ class TrainingConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decays to learning_rate * min_lr_ratio.")
     sort_window_batches: int = Field(
-        16, gt=0, description="Rows are length-sorted within shuffled windows of this many batches (less padding)."
+        64, gt=0, description="Rows are length-sorted within shuffled windows of this many batches (less padding)."
     )
     final_adapter: Literal["best", "last"] = Field(
         "best", description="Publish the adapter of the best validation loss, or of the last step."
