@@ -67,7 +67,7 @@ def finetune_pipeline(
 
     trained = train_adapter_task(settings)(settings, model_path, tokens["path"], run_dir, fresh=fresh)
 
-    champion_dir = champion_bundle(settings.storage, work_dir)
+    champion = champion_bundle(settings.storage, work_dir)
     report = evaluate_adapter(
         model_path,
         trained["adapter_dir"],
@@ -75,7 +75,7 @@ def finetune_pipeline(
         splits_rows(fetched["directory"]),
         settings,
         run_id,
-        champion_dir=champion_dir,
+        champion_dir=champion["path"] if champion else None,
     )
 
     reports = write_reports(
@@ -94,7 +94,9 @@ def finetune_pipeline(
     published = publish_bundle(
         settings.storage, run_id, bundle_dir, manifest_fields(settings, fetched["version"], tokens["version"], report)
     )
-    promotion = promote_candidate(settings.storage, run_id, report, settings.evaluation.promotion_margin)
+    promotion = promote_candidate(
+        settings.storage, run_id, report, settings.evaluation.promotion_margin, champion["run_id"] if champion else None
+    )
     link_bundle(published["uri"], run_id, promotion["promoted"])
 
     return {

@@ -14,7 +14,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from finetune import batching
-from finetune.child import run_training_child, save_tokenized
+from finetune.child import run_training_child
+from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.data import load_splits
 from finetune.templating import Encoded, encode_chat
@@ -74,7 +75,7 @@ def test_default_config_learns_the_demo_and_writes_an_mlx_lm_adapter(tiny_model_
     from mlx_lm import load
 
     settings = load_settings()
-    data_path = save_tokenized(tmp_path / "data.jsonl", demo_data)
+    data_path = write_tokenized(tmp_path / "data.safetensors", demo_data)
     logs: list[str] = []
     result = run_training_child(settings, str(tiny_model_dir), data_path, tmp_path / "run", logs.append)
     assert result.steps == settings.training.iters

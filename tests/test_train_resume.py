@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from finetune import checkpoints
-from finetune.child import TrainingChildError, run_training_child, save_tokenized
+from finetune.child import TrainingChildError, run_training_child
+from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.data import load_splits
 from finetune.templating import encode_chat
@@ -50,7 +51,7 @@ def data_path(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:64]],
         "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:8]],
     }
-    return save_tokenized(tmp_path_factory.mktemp("data") / "tokenized.jsonl", data)
+    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
 
 
 def train_child(model: Path, data: Path, run_dir: Path, kill_after_step: int | None = None):

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from finetune import checkpoints, training
 from finetune.blas import preload_env
 from finetune.config import Settings
-from finetune.templating import Encoded
+from finetune.data import DataError, load_tokenized
 
 EVENT_PREFIX = "@finetune "
 REQUEST_FILE = "train-request.json"
@@ -46,39 +46,6 @@ EventFn = Callable[[dict[str, Any]], None]
 
 class TrainingChildError(RuntimeError):
     """The training process died (signal, crash, timeout): worth a retry, which resumes."""
-
-
-# ---------------------------------------------------------------- tokenized data files
-
-
-def save_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:
-    """One JSON line per row: {"split", "input_ids", "loss_mask", "truncated"}; written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for split, rows in data.items():
-            for row in rows:
-                f.write(json.dumps({"split": split, "input_ids": row.input_ids, "loss_mask": row.loss_mask,
-                                    "truncated": row.truncated}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load_tokenized(path: Path) -> dict[str, list[Encoded]]:
-    data: dict[str, list[Encoded]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                encoded = Encoded(list(row["input_ids"]), list(row["loss_mask"]), bool(row.get("truncated", False)))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise training.TrainingError(f"{path}:{lineno}: not a tokenized row ({exc})") from None
-            if len(encoded.input_ids) != len(encoded.loss_mask):
-                raise training.TrainingError(f"{path}:{lineno}: input_ids and loss_mask differ in length")
-            data.setdefault(row["split"], []).append(encoded)
-    return data
 
 
 # ---------------------------------------------------------------- parent side
@@ -99,7 +66,7 @@ def run_training_child(
     """Train in a child process and return its result.
 
     Raises ``TrainingError`` (or ``FingerprintMismatch``) for problems the user
-    must fix and ``TrainingChildError`` when the child crashed, was killed or
+    must fix (bad data file, config, fingerprint) and ``TrainingChildError`` when the child crashed, was killed or
     timed out. ``KeyboardInterrupt`` and cancellation kill the child's group.
     """
     run_dir = Path(run_dir)
@@ -282,7 +249,7 @@ def main(argv: list[str]) -> int:
         settings = Settings(**request["settings"])
         data = load_tokenized(Path(request["data_path"]))
         result = training.train(settings, request["model_path"], data, run_dir, on_progress=_emit, fresh=request["fresh"])
-    except training.TrainingError as exc:
+    except (training.TrainingError, DataError) as exc:
         _emit({"event": "error", "kind": type(exc).__name__, "message": str(exc)})
         return USER_ERROR_EXIT
     checkpoints.write_json(run_dir / RESULT_FILE, result.to_json())
