@@ -135,6 +135,12 @@ class TrainingConfig(Section):
         "auto", description="On Linux, preload Debian's OpenBLAS into the training process when present."
     )
 
+    @field_validator("use_openblas", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare off/on as a boolean.
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
 
 # Metric names the evaluation measures; "val"/"test" are the loss splits.
 EvalMetric = Literal[

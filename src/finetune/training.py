@@ -223,7 +223,6 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.on_progress = on_progress
         self.model_path = model_path
-        self.model, tokenizer, model_dir = load_model(settings, model_path)
         if "train" not in data or "valid" not in data:
             raise TrainingError(f"tokenized data needs 'train' and 'valid' splits, got {sorted(data)}")
         self.train_rows, train_note = usable_rows(data["train"], "train")
@@ -240,6 +239,7 @@ class Trainer:
                 f"the training split has {len(self.train_rows)} usable rows, fewer than training.batch_size={self.t.batch_size}"
             )
         self.total_steps = self._total_steps()
+        self.model, tokenizer, model_dir = load_model(settings, model_path)
         self.fingerprints = {
             "config": config_fingerprint(settings),
             "model": model_fingerprint(model_dir),
