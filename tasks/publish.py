@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.publishing import fetch_bundle, promote_if_better, publish_run, read_champion
+from finetune.publishing import fetch_bundle, promote_if_better, publish_run, read_champion, read_manifest, run_prefix
 from finetune.storage import open_store
 
 
@@ -29,6 +29,18 @@ def publish_bundle(storage: StorageConfig, run_id: str, bundle_dir: str, manifes
     else:
         logger.info("published %d files to %s", len(published.manifest["files"]), published.uri)
     return {"uri": published.uri, "manifest_key": published.manifest_key, "reused": published.reused}
+
+
+@task(name="find-published-run", cache_policy=NO_CACHE, result_serializer="json")
+def find_published_run(storage: StorageConfig, run_id: str) -> dict[str, Any] | None:
+    """The manifest of ``run_id`` if it is already published (a re-run then has nothing to do)."""
+    store = open_store(storage)
+    manifest = read_manifest(store, run_id)
+    if manifest is None:
+        return None
+    uri = store.uri_for(run_prefix(run_id)).rstrip("/")
+    get_run_logger().info("run %s is already published at %s; nothing to do", run_id, uri)
+    return {**manifest, "uri": uri}
 
 
 @task(name="champion-bundle", cache_policy=NO_CACHE, result_serializer="json")

@@ -6,10 +6,9 @@ import json
 import os
 from datetime import datetime, timedelta, timezone
 
-import boto3
 import pytest
 from moto import mock_aws
-from s3faults import make_bundle
+from s3faults import make_bundle, raw_client
 
 from finetune.config import StorageConfig
 from finetune.publishing import (
@@ -40,7 +39,7 @@ def cfg(request, tmp_path):
         yield StorageConfig(uri=str(tmp_path / "store"), step_retry_wait_seconds=0)
     else:
         with mock_aws():
-            boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+            raw_client().create_bucket(Bucket=BUCKET)
             yield StorageConfig(uri=f"s3://{BUCKET}/team", region="us-east-1", step_retry_wait_seconds=0)
 
 

@@ -9,10 +9,9 @@ import time
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 from moto.server import ThreadedMotoServer
-from s3faults import FaultPlan, FaultProxy, make_bundle, no_backoff, on
+from s3faults import FaultPlan, FaultProxy, make_bundle, no_backoff, on, raw_client
 
 from finetune.config import StorageConfig
 from finetune.publishing import (
@@ -44,8 +43,7 @@ def moto_server():
 @pytest.fixture
 def bucket(moto_server):
     name = f"ft-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=f"http://{moto_server[0]}:{moto_server[1]}", region_name="us-east-1",
-                          aws_access_key_id="direct", aws_secret_access_key="direct")
+    client = raw_client(f"http://{moto_server[0]}:{moto_server[1]}", key="direct")
     client.create_bucket(Bucket=name)
     client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     return name, client

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import boto3
 import pytest
 from moto import mock_aws
+from s3faults import raw_client
 
 from finetune.config import StorageConfig
 from finetune.storage import (
@@ -33,7 +33,7 @@ BUCKET = "finetune-test"
 @pytest.fixture
 def aws():
     with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        raw_client().create_bucket(Bucket=BUCKET)
         yield
 
 
@@ -47,7 +47,7 @@ def store(request, tmp_path):
         yield open_store(StorageConfig(uri=f"file://{tmp_path}/store"))
     else:
         with mock_aws():
-            boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+            raw_client().create_bucket(Bucket=BUCKET)
             yield open_store(s3_cfg(multipart_threshold_mib=5, multipart_chunk_mib=5))
 
 
@@ -169,7 +169,7 @@ def test_check_reachable_unreachable_endpoint():
 
 
 def test_download_uri(aws, tmp_path):
-    boto3.client("s3", region_name="us-east-1").put_object(Bucket=BUCKET, Key="data/train.jsonl", Body=b"{}\n")
+    raw_client().put_object(Bucket=BUCKET, Key="data/train.jsonl", Body=b"{}\n")
     cfg = s3_cfg()
     assert download_uri(cfg, f"s3://{BUCKET}/data/train.jsonl", tmp_path).read_bytes() == b"{}\n"
     target = download_uri(cfg, f"s3://{BUCKET}/data/train.jsonl", tmp_path / "sub" / "t.jsonl")
@@ -188,7 +188,7 @@ def test_when_required_mode_still_verifies_by_reading_back(aws, tmp_path):
     digest = store.put_file("f.bin", src)
     assert store.head("f.bin").crc32 is None  # nothing sent, nothing stored
     store.verify("f.bin", digest)
-    boto3.client("s3", region_name="us-east-1").put_object(
+    raw_client().put_object(
         Bucket=BUCKET, Key="some/prefix/f.bin", Body=b"hellp", Metadata={"sha256": digest.sha256}
     )
     with pytest.raises(VerificationError, match="content sha256"):

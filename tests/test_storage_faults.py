@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 
-import boto3
 import pytest
 from moto import mock_aws
-from s3faults import FaultPlan, install_hook, make_bundle, no_backoff, on
+from s3faults import FaultPlan, install_hook, make_bundle, no_backoff, on, raw_client
 
 from finetune.config import StorageConfig
 from finetune.publishing import (
@@ -38,7 +37,7 @@ FIELDS = {"evaluation": {"metric": "val_loss", "score": 2.0, "higher_is_better":
 def s3(monkeypatch):
     no_backoff(monkeypatch)
     with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
+        client = raw_client()
         client.create_bucket(Bucket=BUCKET)
         client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         yield client
