@@ -130,8 +130,9 @@ def test_model_card(tmp_path: Path) -> None:
         assert expected in card, expected
     assert "| metric | base | candidate |" in card  # no champion column without a champion
     no_plot = model_card_markdown(
-        make_report(), base_model="m", data_version="d", hyperparameters={}, run_id="r", plot_file=None,
-        bundle_uri="/tmp/bundle",
+        make_report(), base_model="builtin:tiny-llama", data_version="d", hyperparameters={}, run_id="r",
+        plot_file=None, bundle_uri="/tmp/bundle",
     )
     assert "loss_curve.png" not in no_plot
-    assert 'load("m", adapter_path="/tmp/bundle")' in no_plot
+    assert "finetune tiny-model path/to/tiny-llama" in no_plot
+    assert 'load("path/to/tiny-llama", adapter_path="/tmp/bundle")' in no_plot

@@ -188,8 +188,11 @@ def model_card_markdown(
     bundle_uri: str | None = None,
     plot_file: str | None = PLOT_FILE,
 ) -> str:
-    where = bundle_uri or "<bundle directory>"
+    where = bundle_uri or "path/to/this/bundle"
     local = "://" not in where or where.startswith("file://")
+    # mlx-lm knows nothing of finetune's builtin models: point it at the built directory instead.
+    builtin = base_model.startswith("builtin:")
+    load_model = "path/to/" + base_model.removeprefix("builtin:") if builtin else base_model
     variants = ordered_variants(report)
     lines = [
         f"# LoRA adapter for {base_model}",
@@ -224,8 +227,9 @@ def model_card_markdown(
         "",
         "```python",
         "from mlx_lm import load, generate",
+        *([f"# {base_model}: build it with `finetune tiny-model {load_model}`"] if builtin else []),
         *([] if local else [f"# adapter_path: a local copy of {where}"]),
-        f'model, tokenizer = load("{base_model}", adapter_path="{where if local else "bundle"}")',
+        f'model, tokenizer = load("{load_model}", adapter_path="{where if local else "bundle"}")',
         'messages = [{"role": "user", "content": "Your question"}]',
         "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
         "print(generate(model, tokenizer, prompt, max_tokens=64))",
