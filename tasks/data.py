@@ -7,6 +7,7 @@ training child reads the tokenized file by path.
 from __future__ import annotations
 
 import functools
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from finetune.templating import load_tokenizer, template_fingerprint
 
 REPORT_KEY = "data-report"
 TOKENIZED_FILE = "tokens.safetensors"
+BUILD_ID_FILE = "build-id"
 CACHE_DAYS = 30
 
 
@@ -91,13 +93,21 @@ def _target(dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_
     return version, Path(work_dir) / "tokenized" / version / TOKENIZED_FILE
 
 
-def _tokenized_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The tokenized version, while its file is on disk; a deleted file must be rebuilt, not looked up."""
+def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
+    """The tokenized version plus the id of the build that wrote its file.
+
+    A new build id is drawn whenever the file is missing, so a Prefect cache
+    record can never hand out the path of a deleted file.
+    """
     version, path = _target(
         parameters["dataset_dir"], parameters["model_path"], parameters["template"], parameters["on_bad_row"],
         parameters["work_dir"],
     )
-    return f"tokenized-{version}" if path.is_file() else None
+    build_id = path.with_name(BUILD_ID_FILE)
+    if not (path.is_file() and build_id.is_file()):
+        build_id.parent.mkdir(parents=True, exist_ok=True)
+        build_id.write_text(uuid.uuid4().hex, encoding="utf-8")
+    return f"tokenized-{version}-{build_id.read_text(encoding='utf-8').strip()}"
 
 
 def _log_reuse(task: Task, task_run: TaskRun, state: State) -> None:

@@ -186,7 +186,7 @@ def builtin_dir() -> Path:
 def load_splits(cfg: DatasetConfig, storage: StorageConfig | None = None, work_dir: Path | None = None) -> Splits:
     """Fetch ``cfg.source``, validate every row, split, and store canonical rows.
 
-    With ``work_dir`` the rows land in ``<work_dir>/datasets/<version>/`` (reused by
+    With ``work_dir`` the rows land in ``<work_dir>/datasets/<version>-<origins>/`` (reused by
     later runs and by :meth:`Splits.open`); without it, in a temporary directory
     removed when the returned :class:`Splits` is garbage-collected.
     """
@@ -364,8 +364,9 @@ def _zip_members(archive: Path, label: str):
         for info in zf.infolist():
             if info.is_dir():
                 continue
-            mode = info.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):
+            # Unix type bits, when present (many zip writers store permissions only).
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind and kind != stat.S_IFREG:
                 raise DataError(f"{label}: member {info.filename!r} is a link or special file; only regular files are extracted")
             yield info.filename, info.file_size, lambda i=info: zf.open(i)
 
@@ -448,10 +449,11 @@ def format_of(path: Path, cfg: DatasetConfig) -> str:
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    """A .json file whose first line is a complete JSON object is JSON Lines (a common naming)."""
+    """A .json file whose first line is a complete JSON object, followed by more lines, is JSON Lines."""
     with open(path, "rb") as f:
         first = f.readline(1 << 20).removeprefix(BOM).strip()
-    if not first.startswith(b"{"):
+        more = bool(f.read(1 << 12).strip())
+    if not (first.startswith(b"{") and more):
         return False
     try:
         json.loads(first)
@@ -810,14 +812,17 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, name: str) -> None:
         self.rows = open(directory / f"{name}.jsonl", "wb")
-        self.origins = open(directory / f"{name}.origins", "w", encoding="utf-8", newline="\n")
+        self.origins = open(directory / f"{name}.origins", "w", encoding="utf-8", errors="backslashreplace", newline="\n")
         self.digest = hashlib.sha256()
+        self.origin_digest = hashlib.sha256()
         self.count = 0
 
     def add(self, line: bytes, where: str) -> None:
         self.rows.write(line + b"\n")
-        self.origins.write(where.replace("\n", "\\n") + "\n")
+        where = where.replace("\n", "\\n") + "\n"
+        self.origins.write(where)
         self.digest.update(line + b"\n")
+        self.origin_digest.update(where.encode("utf-8", "backslashreplace"))
         self.count += 1
 
     def close(self) -> None:
@@ -863,7 +868,7 @@ def _encode_line(row: dict[str, Any], where: str, cfg: DatasetConfig) -> bytes:
 
 
 def _write_splits(files: Mapping[str, list[SourceFile]], cfg: DatasetConfig, out_root: Path) -> Path:
-    """Validate and write every split into ``out_root/<version>/``; returns that directory."""
+    """Validate and write every split into ``out_root/<version>-<origins digest>/``; returns that directory."""
     canon, bad_rows = Canonicalizer(cfg), BadRows(cfg.on_bad_row)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_root))
     writers = {name: _SplitWriter(tmp, name) for name in (*SPLITS, "pool")}
@@ -894,7 +899,11 @@ def _write_splits(files: Mapping[str, list[SourceFile]], cfg: DatasetConfig, out
         for name in ("pool.jsonl", "pool.origins"):
             (tmp / name).unlink()
         _write_json_atomic(tmp / "splits.json", manifest)
-        return _publish_dir(tmp, out_root / version)
+        # The rows decide the version; the directory also pins where they came from (origins, skips).
+        described = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
+        for name in SPLITS:
+            described.update(writers[name].origin_digest.digest())
+        return _publish_dir(tmp, out_root / f"{version}-{described.hexdigest()[:16]}")
     finally:
         for writer in writers.values():
             writer.rows.close()
@@ -926,14 +935,12 @@ def _carve(tmp: Path, writers: dict[str, _SplitWriter], missing: list[str], cfg:
 
 
 def _publish_dir(tmp: Path, target: Path) -> Path:
-    """Move a finished directory into place; an existing one holds the same rows (same version)."""
+    """Move a finished directory into place; an existing one has identical contents (same name)."""
     try:
         os.rename(tmp, target)
     except OSError:
         if not (target / "splits.json").is_file():
             raise
-        # Same rows, maybe from another path or with another skip count: keep the newest description.
-        os.replace(tmp / "splits.json", target / "splits.json")
     _fsync_dir(target.parent)
     return target
 
@@ -1056,13 +1063,13 @@ def _tokenize_split(
             if cfg.truncation == "drop":
                 stats["dropped_too_long"] += 1
                 continue
-            stats["truncated"] += 1
         if enc.n_targets == 0:
             stats["zero_target"] += 1
             bad_rows.add(
                 BadRow(where, f"no supervised tokens within template.max_seq_length={cfg.max_seq_length} (the prompt fills it)")
             )
             continue
+        stats["truncated"] += int(enc.truncated)
         ids.extend(enc.input_ids)
         mask.extend(enc.loss_mask)
         offsets.append(len(ids))
