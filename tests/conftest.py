@@ -29,3 +29,12 @@ def write_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:
         for name, rows in {"train": [], "valid": [], "test": [], **data}.items()
     }
     return save_tokenized(path, TokenizedData("test", "test", "", splits, {}))
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real Prefect API for the whole session: a fresh server needs ~18 s to start on 2 cores."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

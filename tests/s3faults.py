@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
+
 ACTIONS = ("503", "409", "reset", "lost", "delay", "bad_checksum", "corrupt")
 
 _ERRORS = {
@@ -320,3 +322,14 @@ def raw_client(endpoint_url: str | None = None, key: str | None = None):
 
     creds = {"access_key_id": key, "secret_access_key": key} if key else {}
     return s3_client(StorageConfig(region="us-east-1", endpoint_url=endpoint_url, addressing_style="path", **creds))
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """moto's HTTP server on 127.0.0.1 (a free port), one per test module that imports this fixture."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield server.get_host_and_port()
+    server.stop()

@@ -10,8 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
-from s3faults import FaultPlan, FaultProxy, make_bundle, no_backoff, on, raw_client
+from s3faults import FaultPlan, FaultProxy, make_bundle, moto_server, no_backoff, on, raw_client
 
 from finetune.config import StorageConfig
 from finetune.publishing import (
@@ -30,14 +29,6 @@ from finetune.storage import StorageError, VerificationError, check_reachable, o
 MAX_ATTEMPTS = 3
 STEP_ATTEMPTS = 2
 FIELDS = {"evaluation": {"metric": "val_loss", "score": 2.0, "higher_is_better": False}}
-
-
-@pytest.fixture(scope="module")
-def moto_server():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server.get_host_and_port()
-    server.stop()
 
 
 @pytest.fixture
