@@ -207,8 +207,9 @@ def _manifest_bytes(manifest: Mapping[str, Any], store: Store) -> bytes:
     except (TypeError, ValueError) as exc:
         raise PublishError(f"manifest for run {manifest.get('run_id')}: not plain JSON ({exc})") from None
     # A last line of defence: the manifest is public, so no configured credential may appear in it.
+    # Toy credentials shorter than 8 characters ("minio", "test") would match ordinary words.
     for secret in (store.cfg.access_key_id, store.cfg.secret_access_key, store.cfg.session_token):
-        if secret is not None and secret.get_secret_value() and secret.get_secret_value().encode() in data:
+        if secret is not None and len(secret.get_secret_value()) >= 8 and secret.get_secret_value().encode() in data:
             raise PublishError(f"manifest for run {manifest.get('run_id')}: contains a storage credential; refusing")
     return data
 
