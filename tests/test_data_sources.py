@@ -354,6 +354,13 @@ def https_server(tmp_path_factory: pytest.TempPathFactory):
             if path == "/unavailable":
                 self.send_error(503)
                 return
+            if path.startswith("/redirect"):  # /redirect/https/x.jsonl -> https://host:port/x.jsonl
+                scheme, target = path.split("/", 3)[2:]
+                self.send_response(302)
+                self.send_header("Location", f"{scheme}://127.0.0.1:{self.server.server_address[1]}/{target}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if path not in files:
                 self.send_error(404)
                 return
@@ -409,3 +416,12 @@ def test_https_with_an_untrusted_certificate_is_refused(tmp_path: Path, https_se
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     with pytest.raises(DataError, match="TLS certificate not trusted"):
         load(tmp_path, f"{base}/x.jsonl")
+
+
+def test_https_redirects_stay_on_https(tmp_path: Path, https_server, monkeypatch) -> None:
+    base, cert_file, files = https_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    files["/moved.jsonl"] = b"".join(canonical_line(chat(i)) + b"\n" for i in range(10))
+    assert sum(load(tmp_path, f"{base}/redirect/https/moved.jsonl").counts().values()) == 10
+    with pytest.raises(DataError, match="redirected to a non-https URL"):
+        load(tmp_path, f"{base}/redirect/http/moved.jsonl")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -117,15 +116,15 @@ class Splits:
 
     def version(self) -> str:
         """sha256 of the canonical rows of every split (split membership and row order included)."""
-        if self.content_version is None:
-            digests = {}
-            for name in SPLITS:
-                h = hashlib.sha256()
-                for line in self.lines(name):
-                    h.update(line + b"\n")
-                digests[name] = h.hexdigest()
-            self.content_version = _version_of(digests)
-        return self.content_version
+        if self.content_version is not None:  # computed while the rows were written
+            return self.content_version
+        digests = {}
+        for name in SPLITS:
+            h = hashlib.sha256()
+            for line in self.lines(name):
+                h.update(line + b"\n")
+            digests[name] = h.hexdigest()
+        return _version_of(digests)
 
     def rows(self, split: str) -> Sequence[dict[str, Any]]:
         return getattr(self, split)
@@ -256,7 +255,10 @@ def _fetch_https(url: str, scratch: Path, cfg: DatasetConfig) -> Path:
     digest = hashlib.sha256()
     size = 0
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout_seconds, context=ssl.create_default_context()) as resp:
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=ssl.create_default_context()), _HttpsOnlyRedirects()
+        )
+        with opener.open(request, timeout=cfg.timeout_seconds) as resp:
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > cfg.max_download_bytes:
                 raise DataError(f"{shown}: {declared} bytes, over dataset.max_download_bytes={cfg.max_download_bytes}")
@@ -279,6 +281,13 @@ def _fetch_https(url: str, scratch: Path, cfg: DatasetConfig) -> Path:
     if cfg.sha256 and digest.hexdigest() != cfg.sha256.lower():
         raise DataError(f"{shown}: sha256 {digest.hexdigest()} does not match dataset.sha256 {cfg.sha256.lower()}")
     return target
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        if not newurl.lower().startswith("https://"):
+            raise DataError(f"{display_url(req.full_url)}: redirected to a non-https URL ({display_url(newurl)})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _fetch_hf(source: str, scratch: Path) -> Path:

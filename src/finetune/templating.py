@@ -9,10 +9,12 @@ boundary and break that equality for some tokenizers).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,23 @@ def _tokenize_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[li
     return ids, flags
 
 
+@functools.lru_cache(maxsize=8)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def check_no_control_tokens(tokenizer: Any, texts: Iterable[str]) -> None:
+    """Refuse text that spells a control token: it would be tokenized as one and break the turn structure."""
+    hf = hf_tokenizer(tokenizer)
+    added = getattr(hf, "added_tokens_decoder", {}) or {}
+    tokens = {str(t) for t in hf.all_special_tokens} | {t.content for t in added.values() if getattr(t, "special", False)}
+    pattern = _control_pattern(tuple(sorted(tokens)))
+    for text in texts:
+        match = pattern.search(text) if pattern and isinstance(text, str) else None
+        if match:
+            raise TemplateError(f"the text contains the tokenizer's control token {match.group()!r}")
+
+
 def encode_prompt(
     tokenizer: Any, messages: Sequence[Message], cfg: TemplateConfig, tools: list[dict[str, Any]] | None = None
 ) -> list[int]:
@@ -175,6 +194,7 @@ def encode_chat(
     tokenizer: Any, messages: Sequence[Message], cfg: TemplateConfig, tools: list[dict[str, Any]] | None = None
 ) -> Encoded:
     """Tokenize a whole conversation; supervise every assistant turn (or every token if not mask_prompt)."""
+    check_no_control_tokens(tokenizer, (m.get("content") or "" for m in messages))
     ids, flags = _tokenize_pieces(tokenizer, _pieces(tokenizer, with_system_prompt(messages, cfg), False, tools, cfg))
     mask = flags if cfg.mask_prompt else [1] * len(ids)
     return _finish(ids, mask, cfg)
@@ -182,6 +202,7 @@ def encode_chat(
 
 def encode_text(tokenizer: Any, text: str, cfg: TemplateConfig) -> Encoded:
     """Plain-text (continued pretraining) row: every token after the first is a target, ending with EOS."""
+    check_no_control_tokens(tokenizer, [text])
     hf = hf_tokenizer(tokenizer)
     ids = list(hf(text, add_special_tokens=True)["input_ids"])
     eos = hf.eos_token_id
