@@ -240,3 +240,32 @@ def test_published_bundle_loads_and_generates_from_a_clean_cache(moto_server, bu
     base = generate(base_model, tokenizer, prompt, max_tokens=12)
     assert outputs[0] == outputs[1]
     assert outputs[1] != base  # the adapter really is applied
+
+
+def test_finetune_generate_with_an_s3_adapter(moto_server, bucket, tiny_model_dir, tmp_path, monkeypatch):
+    """``finetune generate --adapter s3://…/runs/<id>`` from a clean work dir equals generating from the local adapter."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.config import load_settings
+    from finetune.stages import generate_text
+
+    name, _ = bucket
+    endpoint = f"http://{moto_server[0]}:{moto_server[1]}"
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    env = {"FINETUNE_STORAGE__ENDPOINT_URL": endpoint, "FINETUNE_STORAGE__REGION": "us-east-1",
+           "FINETUNE_STORAGE__ACCESS_KEY_ID": "testing", "FINETUNE_STORAGE__SECRET_ACCESS_KEY": "testing"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(overrides=[f"work_dir={tmp_path / 'local-work'}"])
+    publish_run(open_store(settings.storage, f"s3://{name}/team"), "cli-run", adapter, {})
+    prompt = "What is the capital of Peru?"
+    expected = generate_text(settings, prompt, str(adapter), str(tiny_model_dir), 12)
+    assert expected.strip()  # something to compare
+
+    clean = tmp_path / "clean-work"
+    result = CliRunner().invoke(app, ["generate", "--adapter", f"s3://{name}/team/runs/cli-run", "--model",
+                                      str(tiny_model_dir), "--max-tokens", "12", "--set", f"work_dir={clean}", prompt])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == expected.strip()
+    assert list((clean / "cache" / "bundles").rglob("adapters.safetensors"))
