@@ -230,7 +230,9 @@ def fetch_source(cfg: DatasetConfig, storage: StorageConfig | None, scratch: Pat
         parts = urlsplit(source)
         path = Path(unquote(parts.path if parts.netloc in ("", "localhost") else f"//{parts.netloc}{parts.path}"))
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
-        raise DataError(f"dataset.source {display_url(source)}: unsupported scheme (use a path, file://, s3://, https:// or hf:)")
+        raise DataError(
+            f"dataset.source {display_url(source)}: unsupported scheme (use a path, file://, s3://, https:// or hf:)"
+        )
     else:
         path = Path(source).expanduser()
     if not path.exists():
@@ -907,7 +909,7 @@ def _write_splits(files: Mapping[str, list[SourceFile]], cfg: DatasetConfig, out
         }
         for name in ("pool.jsonl", "pool.origins"):
             (tmp / name).unlink()
-        _write_json_atomic(tmp / "splits.json", manifest)
+        write_bytes_atomic(tmp / "splits.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
         # The rows decide the version; the directory also pins where they came from (origins, skips).
         described = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
         for name in SPLITS:
@@ -960,19 +962,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- tokenized data
@@ -1068,7 +1057,9 @@ def _tokenize_split(
             continue
         if enc.truncated:
             if cfg.truncation == "fail":
-                raise DataError(f"{where}: longer than template.max_seq_length={cfg.max_seq_length} tokens (template.truncation=fail)")
+                raise DataError(
+                    f"{where}: longer than template.max_seq_length={cfg.max_seq_length} tokens (template.truncation=fail)"
+                )
             if cfg.truncation == "drop":
                 stats["dropped_too_long"] += 1
                 continue
@@ -1093,8 +1084,8 @@ def _tokenize_split(
 
 
 def save_tokenized(path: Path | str, data: TokenizedData) -> Path:
-    """Write a safetensors file of int arrays (never a pickle), atomically."""
-    from safetensors.numpy import save
+    """Write a safetensors file of int arrays (never a pickle) atomically: temp file, fsync, rename."""
+    from safetensors.numpy import save_file
 
     path = Path(path)
     tensors = {}
@@ -1108,7 +1099,8 @@ def save_tokenized(path: Path | str, data: TokenizedData) -> Path:
         "chat_template": data.chat_template,
         "stats": json.dumps(data.stats, sort_keys=True),
     }
-    write_bytes_atomic(path, save(tensors, metadata=metadata))
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -1150,15 +1142,23 @@ def load_tokenized(path: Path | str) -> dict[str, list[Encoded]]:
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; when the block succeeds it is fsynced and renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

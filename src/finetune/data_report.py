@@ -17,6 +17,7 @@ from finetune.data import SPLITS, Splits, TokenizedData, write_bytes_atomic
 HIST_BINS = 8
 REPORT_MD = "data_report.md"
 REPORT_JSON = "data_report.json"
+TOKEN_COLUMNS = " tokens | supervised | mean | p95 | max | truncated | zero-target |"
 
 
 def build_report(splits: Splits, data: TokenizedData | None = None, batch_size: int = 8) -> dict[str, Any]:
@@ -129,8 +130,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         *(f"- {split} source: {source}" for split, source in sorted(report["sources"].items())),
         f"- bad rows skipped while reading: {report['bad_rows_skipped']}",
         "",
-        "| split | rows | duplicates |" + (" tokens | supervised | mean | p95 | max | truncated | zero-target |" if "tokens" in report else ""),
-        "|---|---|---|" + ("---|---|---|---|---|---|---|" if "tokens" in report else ""),
+        "| split | rows | duplicates |" + (TOKEN_COLUMNS if "tokens" in report else ""),
+        "|---|---|---|" + ("---|" * TOKEN_COLUMNS.count("|") if "tokens" in report else ""),
     ]
     for name in SPLITS:
         row = f"| {name} | {report['rows'][name]} | {report['duplicates'][name]} |"
