@@ -157,7 +157,7 @@ def gc(
     for attempt in report.deleted_attempts:
         typer.echo(f"{verb} attempt {attempt}")
     typer.echo(f"{verb} {len(report.deleted_attempts)} attempt(s), {report.deleted_objects} object(s); "
-               f"kept {report.kept_attempts}")
+               f"kept {report.kept_attempts}; aborted {report.aborted_uploads} incomplete upload(s)")
 
 
 def _size(n: int) -> str:

@@ -121,6 +121,7 @@ class GcReport:
     deleted_objects: int
     kept_attempts: int
     dry_run: bool
+    aborted_uploads: int = 0  # incomplete multipart uploads (or local temp files) removed
 
 
 # --------------------------------------------------------------------------- keys
@@ -487,7 +488,8 @@ def list_runs(store: Store) -> list[RunSummary]:
 
 
 def gc(store: Store, older_than: timedelta, *, dry_run: bool = False, now: datetime | None = None) -> GcReport:
-    """Delete staging attempts that no manifest references and whose newest object is older than ``older_than``.
+    """Delete staging attempts that no manifest references and whose newest object is older than ``older_than``,
+    and abort multipart uploads (remove local temp files) that started before then and never completed.
 
     A published bundle (the attempt its manifest names) is never deleted. The age guard
     protects attempts still uploading; keep it longer than a publish takes.
@@ -519,7 +521,8 @@ def gc(store: Store, older_than: timedelta, *, dry_run: bool = False, now: datet
             if not dry_run:
                 store.delete_many([o.key for o in objects])
                 log.info("gc: deleted %d objects of unpublished attempt %s/%s", len(objects), run_id, attempt_id)
-    return GcReport(deleted, deleted_objects, kept, dry_run)
+    aborted = 0 if dry_run else store.clean_incomplete(cutoff)
+    return GcReport(deleted, deleted_objects, kept, dry_run, aborted)
 
 
 # --------------------------------------------------------------------------- fetching

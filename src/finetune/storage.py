@@ -198,6 +198,11 @@ class Store(ABC):
     def uri_for(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{safe_key(key)}"
 
+    @abstractmethod
+    def clean_incomplete(self, before: datetime) -> int:
+        """Remove uploads that never completed and started before ``before`` (a killed process's
+        multipart uploads or temp files); returns how many."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -357,6 +362,15 @@ class LocalStore(Store):
 
     def uri_for(self, key):
         return str(self._path(key))
+
+    def clean_incomplete(self, before):
+        removed = 0
+        tmp_dir = self.root / self._TMP
+        for path in tmp_dir.iterdir() if tmp_dir.is_dir() else ():
+            if datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < before:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 def _local_etag(data: bytes) -> str:
@@ -566,6 +580,21 @@ class S3Store(Store):
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise StorageError(f"{self._where()}: delete {self._rel(first['Key'])}: {first.get('Code')} {first.get('Message')}")
+
+
+    def clean_incomplete(self, before):
+        aborted = 0
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < before:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+        except Exception as exc:
+            raise self._error(exc, "abort incomplete uploads") from None
+        return aborted
 
 
 def s3_error(exc: BaseException, context: str) -> StorageError:
