@@ -138,6 +138,8 @@ def test_incomparable_or_nonfinite_scores_keep_the_champion(store, tmp_path):
     assert not other.promoted and "not comparable" in other.reason
     nan = promote_if_better(store, "b", float("nan"), metric="val_loss", higher_is_better=False)
     assert not nan.promoted and read_champion(store)["run_id"] == "a"
+    missing = promote_if_better(store, "b", None, metric="val_loss", higher_is_better=False)
+    assert not missing.promoted and "not finite" in missing.reason
 
 
 def test_manual_promotion_and_unpublished_runs(store, tmp_path):

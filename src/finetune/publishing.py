@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -403,7 +404,7 @@ def _beats(score: float, other: float, higher_is_better: bool, margin: float) ->
 def promote_if_better(
     store: Store,
     run_id: str,
-    score: float,
+    score: float | None,
     *,
     metric: str,
     higher_is_better: bool,
@@ -419,7 +420,7 @@ def promote_if_better(
     """
     if read_manifest(store, run_id) is None:
         raise PublishError(f"run {run_id} is not published in {store.uri}; publish before promoting")
-    if score != score or score in (float("inf"), float("-inf")):
+    if score is None or not math.isfinite(score):
         return PromotionDecision(False, run_id, f"{metric} {score} is not finite", read_champion(store), None)
     fresh = dict(fresh_scores or {})
 
