@@ -74,15 +74,20 @@ class RowFile(Sequence[dict[str, Any]]):
     def __init__(self, path: Path, owner: object | None = None) -> None:
         self.path = path
         self._owner = owner  # keeps a temporary directory alive while rows are readable
-        self._offsets = array("q")
-        position = 0
-        with open(path, "rb") as f:
-            for line in f:
-                self._offsets.append(position)
-                position += len(line)
+        self._offsets: array | None = None
+
+    @property
+    def offsets(self) -> array:
+        if self._offsets is None:  # indexed on first use: opening a dataset for its version stays cheap
+            self._offsets, position = array("q"), 0
+            with open(self.path, "rb") as f:
+                for line in f:
+                    self._offsets.append(position)
+                    position += len(line)
+        return self._offsets
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self.offsets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (json.loads(line) for line in self.lines())
@@ -96,7 +101,7 @@ class RowFile(Sequence[dict[str, Any]]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         with open(self.path, "rb") as f:
-            f.seek(self._offsets[index])
+            f.seek(self.offsets[index])
             return json.loads(f.readline())
 
 
