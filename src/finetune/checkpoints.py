@@ -192,3 +192,74 @@ def prune(root: Path, keep_last: int, keep_step: int | None) -> list[Path]:
 
 def load_arrays(checkpoint: Checkpoint, stem: str) -> dict[str, mx.array]:
     return mx.load(str(checkpoint.file(f"{stem}.safetensors")))
+
+
+# ---------------------------------------------------------------- mirroring to an object store
+
+
+def remote_prefix(run_id: str) -> str:
+    """Where a run's checkpoints live in the store; apart from ``runs/`` so bundle publishing never sees them."""
+    return f"training/{run_id}/checkpoints"
+
+
+def mirror(store: Any, prefix: str, ckpt: Checkpoint) -> None:
+    """Upload a verified checkpoint; its state file goes last, so the remote copy also commits atomically."""
+    for name, sha in ckpt.state["files"].items():
+        key = f"{prefix}/{ckpt.path.name}/{name}"
+        digest = store.put_file(key, ckpt.file(name))
+        if digest.sha256 != sha:
+            raise CheckpointError(f"{ckpt.file(name)}: changed since the checkpoint was written")
+        store.verify(key, digest)
+    key = f"{prefix}/{ckpt.path.name}/{STATE_FILE}"
+    store.verify(key, store.put_file(key, ckpt.file(STATE_FILE)))
+
+
+def remote_steps(store: Any, prefix: str) -> dict[str, list[str]]:
+    """Remote checkpoint directory name -> its object keys."""
+    found: dict[str, list[str]] = {}
+    for info in store.list(prefix + "/"):
+        name = info.key[len(prefix) + 1 :].split("/", 1)[0]
+        if _NAME.match(name):
+            found.setdefault(name, []).append(info.key)
+    return found
+
+
+def prune_remote(store: Any, prefix: str, keep: set[str]) -> None:
+    """Delete remote checkpoints not in ``keep``, state file first so a half-deleted one is never taken as valid."""
+    for name, keys in remote_steps(store, prefix).items():
+        if name not in keep:
+            keys.sort(key=lambda k: not k.endswith("/" + STATE_FILE))
+            store.delete_many(keys)
+
+
+def pull(store: Any, prefix: str, root: Path, name: str) -> Checkpoint:
+    """Download one remote checkpoint into ``root`` (temp dir, rename) and verify it; CheckpointError if broken."""
+    keys = remote_steps(store, prefix).get(name, [])
+    if f"{prefix}/{name}/{STATE_FILE}" not in keys:
+        raise CheckpointError(f"{prefix}/{name}: not in the store or not committed")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    try:
+        for key in keys:
+            store.get_file(key, tmp / key.rsplit("/", 1)[1])
+        fsync_dir(tmp)
+        if (root / name).exists():
+            _discard(root / name)
+        os.replace(tmp, root / name)
+        try:
+            return verify(root / name)
+        except CheckpointError:
+            shutil.rmtree(root / name, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pull_latest(store: Any, prefix: str, root: Path) -> Checkpoint | None:
+    """Download the newest remote checkpoint that verifies; broken ones are skipped with a warning."""
+    for name in sorted(remote_steps(store, prefix), key=lambda n: int(_NAME.match(n).group(1)), reverse=True):
+        try:
+            return pull(store, prefix, root, name)
+        except Exception as exc:  # a broken remote copy must not stop a resume from an older one
+            log.warning("skipping remote checkpoint %s/%s: %s", prefix, name, exc)
+    return None

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,7 @@ def run_training_child(
         {"settings": settings.public_dict(), "model_path": model_path, "data_path": str(data_path), "fresh": fresh},
     )
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    mirror = CheckpointMirror.open(settings, run_dir, log, fresh)
     env, library = preload_env(enabled=settings.training.use_openblas == "auto")
     env["PYTHONUNBUFFERED"] = "1"
     log(_blas_message(settings, library))
@@ -103,7 +105,7 @@ def run_training_child(
     tail: deque[str] = deque(maxlen=30)
     error: dict[str, Any] | None = None
     try:
-        forward = _Forwarder(log, on_event, progress_interval)
+        forward = _Forwarder(log, on_event, progress_interval, mirror)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -119,11 +121,16 @@ def run_training_child(
     except BaseException:
         _kill_group(proc)
         proc.wait()
+        if mirror:
+            mirror.abandon()
         raise
     finally:
         if timer:
             timer.cancel()
         _kill_group(proc)  # stragglers the child may have left in its group
+    if mirror:
+        # Also after a crash: the retry, maybe on another machine, resumes from what was mirrored.
+        mirror.finish(upload_all=code == 0)
     if code == USER_ERROR_EXIT and error is not None:
         kind = training.FingerprintMismatch if error.get("kind") == "FingerprintMismatch" else training.TrainingError
         raise kind(error["message"])
@@ -160,12 +167,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class _Forwarder:
     """Sends events to the log and callback; step progress at most every ``interval`` seconds."""
 
-    def __init__(self, log: Log, on_event: EventFn | None, interval: float):
-        self.log, self.on_event, self.interval = log, on_event, interval
+    def __init__(self, log: Log, on_event: EventFn | None, interval: float, mirror: "CheckpointMirror | None"):
+        self.log, self.on_event, self.interval, self.mirror = log, on_event, interval, mirror
         self.last_sent = 0.0
         self.pending: dict[str, Any] | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event["event"] == "checkpoint" and self.mirror is not None:
+            self.mirror.on_checkpoint(Path(event["path"]))
         if event["event"] not in ALWAYS_FORWARDED:
             now = time.monotonic()
             if now - self.last_sent < self.interval:
@@ -186,6 +195,89 @@ class _Forwarder:
             self.log(text)
         if self.on_event is not None:
             self.on_event(event)
+
+
+class CheckpointMirror:
+    """Copies every K-th checkpoint (and the last ones) to the store in a background thread.
+
+    It runs in the parent, so the training process never holds storage
+    credentials; a failed upload is a warning, never a failed training.
+    """
+
+    def __init__(self, store: Any, prefix: str, root: Path, every: int, log: Log):
+        self.store, self.prefix, self.root, self.every, self.log = store, prefix, root, every, log
+        self.seen = 0
+        self.mirrored: set[str] = set()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-mirror")
+
+    @classmethod
+    def open(cls, settings: Settings, run_dir: Path, log: Log, fresh: bool) -> "CheckpointMirror | None":
+        if not settings.training.mirror_checkpoints:
+            return None
+        from finetune.storage import StorageError, open_store
+
+        root = run_dir / "checkpoints"
+        try:
+            mirror = cls(open_store(settings.storage), checkpoints.remote_prefix(run_dir.name), root,
+                         settings.training.mirror_every, log)
+            if fresh:
+                checkpoints.prune_remote(mirror.store, mirror.prefix, keep=set())
+            elif checkpoints.latest_valid(root) is None:
+                pulled = checkpoints.pull_latest(mirror.store, mirror.prefix, root)
+                if pulled is not None:
+                    log(f"no local checkpoint; fetched step {pulled.step} from {mirror.store.uri_for(mirror.prefix)}")
+                    mirror.mirrored.add(pulled.path.name)
+                    mirror.pull_best(pulled)
+        except StorageError as exc:
+            log(f"warning: checkpoint mirroring disabled: {exc}")
+            return None
+        return mirror
+
+    def pull_best(self, latest: checkpoints.Checkpoint) -> None:
+        """The best-validation checkpoint too: it may become the final adapter."""
+        best = latest.state["loop"].get("best_step")
+        if best is None or best == latest.step:
+            return
+        name = checkpoints.step_dir_name(best)
+        try:
+            checkpoints.pull(self.store, self.prefix, self.root, name)
+            self.mirrored.add(name)
+        except Exception as exc:  # training still works without it; the final adapter falls back to the last step
+            self.log(f"warning: best checkpoint {name} not fetched: {exc}")
+
+    def on_checkpoint(self, path: Path) -> None:
+        self.seen += 1
+        if self.seen % self.every == 0:
+            self.pool.submit(self._upload, [path])
+
+    def finish(self, upload_all: bool) -> None:
+        """Mirror what is still local and unmirrored (the final and best checkpoints), then wait."""
+        if upload_all:
+            self.pool.submit(self._upload, checkpoints.committed(self.root))
+        self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _upload(self, paths: list[Path]) -> None:
+        from finetune.storage import StorageError
+
+        for path in paths:
+            if path.name in self.mirrored:
+                continue
+            try:
+                checkpoints.mirror(self.store, self.prefix, checkpoints.verify(path))
+            except (checkpoints.CheckpointError, StorageError, OSError) as exc:
+                self.log(f"warning: checkpoint {path.name} not mirrored: {exc}")
+                continue
+            self.mirrored.add(path.name)
+            self.log(f"checkpoint {path.name} mirrored to {self.store.uri_for(self.prefix)}")
+        local = {p.name for p in checkpoints.committed(self.root)}
+        try:
+            checkpoints.prune_remote(self.store, self.prefix, keep=local)
+        except StorageError as exc:
+            self.log(f"warning: pruning mirrored checkpoints failed: {exc}")
+        self.mirrored &= local
 
 
 def format_event(e: dict[str, Any]) -> str | None:

@@ -131,6 +131,10 @@ class TrainingConfig(Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     retries: int = Field(2, ge=0, description="Task retries after a crashed training attempt.")
     retry_delay_seconds: float = Field(5.0, ge=0)
+    mirror_checkpoints: bool = Field(
+        False, description="Copy checkpoints to storage.uri (training/<run_id>/checkpoints/) so any machine can resume."
+    )
+    mirror_every: int = Field(1, gt=0, description="Mirror every K-th checkpoint; the last ones are always mirrored.")
     use_openblas: Literal["auto", "off"] = Field(
         "auto", description="On Linux, preload Debian's OpenBLAS into the training process when present."
     )

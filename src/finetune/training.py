@@ -46,7 +46,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
 # Fields that change how a run is operated, not what it computes: editing them keeps checkpoints resumable.
 OPERATIONAL_FIELDS = frozenset(
-    {"steps_per_report", "steps_per_checkpoint", "keep_checkpoints", "retries", "retry_delay_seconds", "use_openblas"}
+    {"steps_per_report", "steps_per_checkpoint", "keep_checkpoints", "retries", "retry_delay_seconds", "use_openblas",
+     "mirror_checkpoints", "mirror_every"}
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -482,8 +483,13 @@ class Trainer:
         history = read_history(self.run_dir / METRICS_FILE)
         if initial_val is None:
             initial_val = next((h["val_loss"] for h in history if h["step"] == 0), None)
-        source_step = s.best_step if self.t.final_adapter == "best" and s.best_step is not None else s.step
-        source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(source_step))
+        source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(s.step))
+        if self.t.final_adapter == "best" and s.best_step not in (None, s.step):
+            try:
+                source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(s.best_step))
+            except checkpoints.CheckpointError as exc:
+                self.emit({"event": "warning", "message": f"best checkpoint unusable, using the last step's adapter: {exc}"})
+        source_step = source.step
         adapter_dir = write_adapter(
             self.run_dir / "adapter",
             checkpoints.load_arrays(source, "adapters"),
