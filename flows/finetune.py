@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 
 from finetune.config import (
     DatasetConfig,
@@ -31,7 +31,8 @@ from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
 from tasks.prepare import check_storage, resolve_model
-from tasks.publish import champion_bundle, promote_candidate, publish_bundle
+from tasks.publish import champion_bundle, find_published_run, promote_candidate, publish_bundle
+from tasks.schedule import check_unchanged, log_late_start, nothing_changed
 from tasks.train import train_adapter_task
 
 
@@ -51,17 +52,27 @@ def finetune_pipeline(
     work_dir: str = ".finetune",
     run_id: str | None = None,
     fresh: bool = False,
-) -> dict[str, Any]:
-    """Train, evaluate and publish one LoRA adapter; re-running with the same run_id resumes it."""
+    force: bool = False,
+) -> dict[str, Any] | State:
+    """Train, evaluate and publish one LoRA adapter; re-running with the same run_id resumes it.
+
+    Skipped (state Skipped) when dataset version, base model and configuration equal the
+    last published run's, unless ``force``.
+    """
     settings = settings_from_parameters(locals())
     run_id = run_id or new_run_id()
     run_dir = str(Path(work_dir) / "runs" / run_id)
     get_run_logger().info("run %s in %s", run_id, run_dir)
+    log_late_start()
 
     store_uri = check_storage(settings.storage)
+    if done := find_published_run(settings.storage, run_id):
+        return {**summary_of_manifest(done), "run_dir": run_dir, "store": store_uri}
     model_path = resolve_model(settings.model.path, work_dir)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
+    if not force and (previous := check_unchanged(settings, fetched["version"])):
+        return nothing_changed(previous, store_uri)
     tokens = template_dataset(fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir)
     report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
 
@@ -84,8 +95,9 @@ def finetune_pipeline(
         run_dir,
         base_model=settings.model.path,
         data_version=fetched["version"],
-        hyperparameters={**settings.lora.model_dump(), **settings.training.model_dump()},
+        hyperparameters={"lora": settings.lora.model_dump(), "training": settings.training.model_dump()},
         run_id=run_id,
+        bundle_uri=f"{store_uri.rstrip('/')}/runs/{run_id}",
     )
     metrics = {"evaluation": report["metrics"], "decision": report["decision"], "training": summary_of(trained)}
     bundle_dir = assemble_bundle(
@@ -135,6 +147,17 @@ def splits_rows(directory: str) -> dict[str, list[dict[str, Any]]]:
 
 def summary_of(trained: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trained.items() if k not in ("history", "adapter_dir")}
+
+
+def summary_of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run_id": manifest["run_id"],
+        "bundle_uri": manifest["uri"],
+        "dataset_version": manifest.get("dataset_version"),
+        "metrics": manifest.get("metrics", {}),
+        "promoted": None,
+        "promotion_reason": "already published by an earlier run; nothing done",
+    }
 
 
 def manifest_fields(settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]) -> dict[str, Any]:

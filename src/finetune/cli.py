@@ -63,7 +63,9 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the embedded defaults: offline, no accounts, a minute or two."""
     console.print(DEMO_BANNER, highlight=False)
-    settings = settings_from(None, [f"work_dir={work_dir}", f"storage.uri={store}", *(overrides or [])])
+    # The tiny model never answers a capital right, so the demo's gate is validation loss.
+    demo_defaults = [f"work_dir={work_dir}", f"storage.uri={store}", "evaluation.primary_metric=val_loss"]
+    settings = settings_from(None, [*demo_defaults, *(overrides or [])])
     print_summary(run_pipeline(settings))
 
 
@@ -114,7 +116,6 @@ def evaluate(
     settings = settings_from(config, overrides)
     report = evaluate_stage(settings, adapter, against_champion=against == "champion")
     Console().print(format_comparison_table(report))
-    typer.echo(f"decision: {'promote' if report.decision.promote else 'keep'}: {report.decision.reason}")
 
 
 @app.command()
@@ -166,7 +167,8 @@ def print_summary(result: dict) -> None:
     out.print(f"validation loss: base {base['val_loss']:.4f} -> adapter {cand['val_loss']:.4f}", highlight=False)
     out.print(f"perplexity:      base {base['val_ppl']:.2f} -> adapter {cand['val_ppl']:.2f}", highlight=False)
     out.print(f"published to {result['bundle_uri']}", highlight=False)
-    out.print(f"champion: {'yes' if result['promoted'] else 'no'} ({result['promotion_reason']})", highlight=False)
+    verdict = {True: "promoted to champion", False: "not promoted", None: "unchanged"}[result["promoted"]]
+    out.print(f"champion: {verdict} ({result['promotion_reason']})", highlight=False)
     out.print("try it:", highlight=False)
     out.print(f"  finetune generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
 
