@@ -193,3 +193,22 @@ def test_competing_pointer_write_between_read_and_write(store, cfg, s3, tmp_path
     if winner == "ours":
         assert champion["previous"]["run_id"] == "theirs"  # decided again against the new champion
     assert versions(s3, CHAMPION_KEY) == (3 if winner == "ours" else 2)
+
+
+def test_a_refused_upload_is_not_retried(store, plan, s3, tmp_path, cfg):
+    """403 is not transient: neither botocore nor the step retries it, and the error names the cause."""
+    from finetune.storage import StorageError
+
+    def deny(request, **kwargs):
+        from botocore.awsrequest import AWSResponse
+        from moto.core.botocore_stubber import MockRawResponse
+
+        if request.method == "PUT":
+            body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            return AWSResponse(request.url, 403, {}, MockRawResponse(body))
+
+    store.client.meta.events.register_first("before-send.s3", deny)
+    with pytest.raises(StorageError, match="access denied") as err:
+        publish_run(store, "r", make_bundle(tmp_path / "b"), FIELDS)
+    assert not isinstance(err.value, UploadGaveUp)
+    assert plan.attempts("PutObject") == 1

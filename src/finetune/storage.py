@@ -449,10 +449,18 @@ class S3Store(Store):
         try:
             self.client.upload_file(str(path), self.bucket, self._full(key), ExtraArgs=extra, Config=transfer)
         except S3UploadFailedError as exc:
-            raise UploadGaveUp(f"{self._where()}: upload {key} failed: {_one_line(exc)}") from None
+            raise self._upload_failure(exc, key) from None
         except Exception as exc:  # transport errors after botocore's retries
             raise self._error(exc, "upload", key) from None
         return digest
+
+    def _upload_failure(self, exc: BaseException, key: str) -> StorageError:
+        """boto3 wraps the last ClientError; only a transient one (the SDK retried and gave up) is worth a new step."""
+        cause = exc.__context__
+        status = getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if cause is None or status is None or status >= 500 or status == 429:
+            return UploadGaveUp(f"{self._where()}: upload {key} failed: {_one_line(exc)}")
+        return self._error(cause, "upload", key)
 
     def verify(self, key, digest):
         info = self._head(key, checksum=True)
