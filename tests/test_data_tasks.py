@@ -48,10 +48,11 @@ def test_cache_key_is_the_version_and_changes_when_the_file_is_gone(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(
+    tmp_path: Path, tiny_model_dir: Path, prefect_api
+) -> None:
     from prefect import flow
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.data import fetch_dataset, report_dataset, template_dataset
 
@@ -72,7 +73,7 @@ def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(tmp
     dataset = DatasetConfig(source=str(src))
     work = str(tmp_path / "work")
     try:
-        with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
             first_state, first = data_flow(dataset, work, str(tmp_path / "run1"))
             second_state, second = data_flow(dataset, work, str(tmp_path / "run2"))
             write_rows(src, 30, changed=7)

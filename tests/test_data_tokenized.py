@@ -75,6 +75,17 @@ def test_tokenized_version_follows_rows_template_and_policy(tmp_path: Path, toke
     assert version() != first
 
 
+def test_hand_built_encodings_pack_and_round_trip(tmp_path: Path) -> None:
+    from finetune.data import TokenizedData, TokenizedSplit
+    from finetune.templating import Encoded
+
+    rows = [Encoded([5, 6, 7], [0, 1, 1]), Encoded([8, 9], [0, 1], truncated=True)]
+    splits = {"train": TokenizedSplit.from_encoded(rows), "valid": TokenizedSplit.from_encoded(rows[:1])}
+    splits["test"] = TokenizedSplit.from_encoded([])
+    path = save_tokenized(tmp_path / "t.safetensors", TokenizedData("v", "d", "", splits, {}))
+    assert load_tokenized(path) == {"train": rows, "valid": rows[:1], "test": []}
+
+
 def test_reading_something_else_is_a_clear_error(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
     import numpy as np

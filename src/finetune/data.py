@@ -983,6 +983,18 @@ class TokenizedSplit:
     offsets: Any  # np.ndarray int64, len(rows) + 1
     truncated: Any  # np.ndarray uint8 per row
 
+    @classmethod
+    def from_encoded(cls, rows: Sequence[Encoded]) -> TokenizedSplit:
+        """Pack encoded rows (e.g. built by hand in a test) into the stored layout."""
+        import numpy as np
+
+        return cls(
+            np.asarray([t for row in rows for t in row.input_ids], np.int32),
+            np.asarray([m for row in rows for m in row.loss_mask], np.uint8),
+            np.cumsum([0, *(len(row.input_ids) for row in rows)], dtype=np.int64),
+            np.asarray([row.truncated for row in rows], np.uint8),
+        )
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
