@@ -1,0 +1,90 @@
+"""The Prefect train task against a real API: a killed child is retried and resumes; user errors are not retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tokenized
+from finetune.config import load_settings
+from finetune.training import TrainingError
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ["training.iters=12", "training.batch_size=4", "training.steps_per_checkpoint=4", "training.steps_per_eval=6",
+             "training.retries=1", "training.retry_delay_seconds=0", "lora.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def data_path(tiny_model_dir, tmp_path_factory) -> Path:
+    from mlx_lm import load
+
+    from finetune.data import load_splits
+    from finetune.templating import encode_chat
+
+    settings = load_settings()
+    _, tokenizer = load(str(tiny_model_dir))
+    splits = load_splits(settings.dataset)
+    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
+            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
+    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+
+
+def run_flow(settings, model: Path, data: Path, run_dir: Path):
+    """The flow's final state and its one task run."""
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.train import train_adapter_task
+
+    @flow(name="train-only")
+    def train_only():
+        return train_adapter_task(settings)(settings, str(model), str(data), str(run_dir), fresh=True)
+
+    state = train_only(return_state=True)
+    with get_client(sync_client=True) as client:
+        [task_run] = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return state, task_run
+
+
+def test_killed_child_is_retried_and_resumes(prefect_api, tiny_model_dir, data_path, tmp_path):
+    run_dir = tmp_path / "runs" / "retry-run"
+    killed = []
+
+    def kill_once_checkpointed() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "step-0000004").is_dir():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = subprocess.run(["pgrep", "-f", str(run_dir / "train-request.json")], capture_output=True, text=True)
+        for pid in map(int, out.stdout.split()):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_once_checkpointed)
+    killer.start()
+    state, task_run = run_flow(load_settings(None, OVERRIDES), tiny_model_dir, data_path, run_dir)
+    killer.join()
+    assert killed
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["steps"] == 12 and result["resumed_from"] >= 4  # `fresh` applied to the first attempt only
+    assert task_run.run_count == 2
+    assert (Path(result["adapter_dir"]) / "adapters.safetensors").is_file()
+
+
+def test_user_error_fails_without_retry(prefect_api, tiny_model_dir, data_path, tmp_path):
+    settings = load_settings(None, [*OVERRIDES, "training.batch_size=64", "training.retries=3"])
+    state, task_run = run_flow(settings, tiny_model_dir, data_path, tmp_path / "runs" / "bad-run")
+    assert state.is_failed()
+    with pytest.raises(TrainingError, match="fewer than training.batch_size=64"):
+        state.result()
+    assert task_run.run_count == 1
