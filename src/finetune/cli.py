@@ -174,9 +174,10 @@ def print_summary(result: dict) -> None:
 
 
 def _register_subcommands() -> None:
-    from finetune import cli_data
+    from finetune import cli_data, cli_store
 
     app.add_typer(cli_data.app, name="data")
+    cli_store.register(app)
 
 
 _register_subcommands()
