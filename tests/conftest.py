@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from finetune.data import TokenizedData, TokenizedSplit, save_tokenized
@@ -19,15 +18,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:
     """Pack encoded rows into the tokenized-data file the training child reads."""
-    splits = {
-        name: TokenizedSplit(
-            np.asarray([t for row in rows for t in row.input_ids], np.int32),
-            np.asarray([m for row in rows for m in row.loss_mask], np.uint8),
-            np.cumsum([0, *(len(row.input_ids) for row in rows)]).astype(np.int64),
-            np.asarray([row.truncated for row in rows], np.uint8),
-        )
-        for name, rows in {"train": [], "valid": [], "test": [], **data}.items()
-    }
+    splits = {name: TokenizedSplit.from_encoded(rows) for name, rows in {"train": [], "valid": [], "test": [], **data}.items()}
     return save_tokenized(path, TokenizedData("test", "test", "", splits, {}))
 
 

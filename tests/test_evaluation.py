@@ -258,15 +258,6 @@ def test_first_candidate_is_judged_against_the_base(tiny_model_dir, good_adapter
 # ---------------------------------------------------------------- Prefect: the evaluate stage's artifacts
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    # A fresh ephemeral server needs ~18 s on 2 cores, close to Prefect's default startup timeout.
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_evaluate_stage_publishes_artifacts(prefect_api, tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings, tmp_path):
     from prefect import flow
     from prefect.artifacts import Artifact
