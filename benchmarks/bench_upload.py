@@ -6,9 +6,10 @@ Both go to the same moto server on 127.0.0.1 (started here). The baseline is
 ``client.upload_file`` with boto3's default transfer settings; publish uses
 StorageConfig's defaults. Publish time includes everything it does: sha256 + CRC32
 of the file, the upload with a full-object CRC32, HEAD verification, the manifest.
-Further lines use boto3's part size and concurrency, and add ``verify_read_back`` (the file is downloaded again and hashed).
-Each figure is the median of ``--repeat`` runs; a fresh bucket per run keeps moto's
-memory flat.
+Further lines use boto3's part size and concurrency, and add ``verify_read_back`` (the
+file is downloaded again and hashed).
+Each figure is the median of ``--repeat`` rounds in which the variants take turns; a
+fresh bucket per run keeps moto's memory flat.
 """
 
 from __future__ import annotations
@@ -32,15 +33,19 @@ from finetune.storage import open_store, s3_client
 MiB = 1 << 20
 
 
-def timed(setup: Callable[[], str], run: Callable[[str], None], teardown: Callable[[str], None], repeat: int) -> float:
-    times = []
+def timed(
+    variants: dict[str, Callable[[str], None]], setup: Callable[[], str], teardown: Callable[[str], None], repeat: int
+) -> dict[str, float]:
+    """Median seconds per variant; variants take turns so a change in machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeat):
-        bucket = setup()
-        start = time.perf_counter()
-        run(bucket)
-        times.append(time.perf_counter() - start)
-        teardown(bucket)
-    return statistics.median(times)
+        for name, run in variants.items():
+            bucket = setup()
+            start = time.perf_counter()
+            run(bucket)
+            times[name].append(time.perf_counter() - start)
+            teardown(bucket)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -91,23 +96,22 @@ def main() -> None:
                 publish_run(store, f"run-{uuid.uuid4().hex[:8]}", bundle, {"benchmark": True})
             return run
 
-        plain_s = timed(new_bucket, plain, drop_bucket, args.repeat)
-        ours_s = timed(new_bucket, publish_with(), drop_bucket, args.repeat)
-        same_transfer_s = timed(new_bucket, publish_with(multipart_threshold_mib=8, multipart_chunk_mib=8,
-                                                        max_concurrency=10), drop_bucket, args.repeat)
-        read_back_s = timed(new_bucket, publish_with(verify_read_back=True), drop_bucket, args.repeat)
+        variants = {
+            "boto3 upload_file (defaults)": plain,
+            "publish_run (verify by stored checksum)": publish_with(),
+            "publish_run, boto3's 8 MiB x 10 threads": publish_with(
+                multipart_threshold_mib=8, multipart_chunk_mib=8, max_concurrency=10
+            ),
+            "publish_run + verify_read_back": publish_with(verify_read_back=True),
+        }
+        results = timed(variants, new_bucket, drop_bucket, args.repeat)
     server.stop()
 
     size = args.size_mib
-    print(f"{size} MiB to moto's server on 127.0.0.1, median of {args.repeat}")
-    print(f"  boto3 upload_file (defaults):            {plain_s:6.2f} s  {size / plain_s:7.1f} MiB/s")
-    print(f"  publish_run (verify by stored checksum): {ours_s:6.2f} s  {size / ours_s:7.1f} MiB/s"
-          f"  ratio {ours_s / plain_s:.2f}x")
-    print(f"  publish_run, boto3's 8 MiB x 10 threads: {same_transfer_s:6.2f} s  {size / same_transfer_s:7.1f} MiB/s"
-          f"  ratio {same_transfer_s / plain_s:.2f}x")
-    print(f"  publish_run + verify_read_back:          {read_back_s:6.2f} s  {size / read_back_s:7.1f} MiB/s"
-          f"  ratio {read_back_s / plain_s:.2f}x")
-
+    baseline = results["boto3 upload_file (defaults)"]
+    print(f"{size} MiB to moto's server on 127.0.0.1, median of {args.repeat} (variants interleaved)")
+    for name, seconds in results.items():
+        print(f"  {name:<42} {seconds:6.2f} s  {size / seconds:6.1f} MiB/s  ratio {seconds / baseline:.2f}x")
 
 if __name__ == "__main__":
     main()
