@@ -1,0 +1,116 @@
+"""Prefect side of scheduled retraining: the pull step, late-start logging, the "nothing changed" skip, the training slot."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+
+from finetune.config import Settings
+from finetune.retrain import (
+    base_model_ref,
+    compare_with,
+    last_published,
+    late_start_message,
+    lateness,
+    nothing_changed_message,
+)
+from finetune.storage import open_store
+
+# Prefect itself marks a run Late after 15 s; a minute keeps queue hand-offs out of the log.
+LATE_AFTER = timedelta(minutes=1)
+SKIPPED_STATE = "Skipped"
+# Names the global concurrency limit that holds one training per machine (deployments/provision.py creates it).
+TRAINING_SLOT_ENV = "FINETUNE_TRAINING_SLOT"
+REPO_ENV = "FINETUNE_REPO"
+
+
+def use_local_clone(directory: str | None = None) -> dict[str, str]:
+    """Deployment pull step: run the flow from this machine's clone of the repository.
+
+    The clone is ``directory``, else ``$FINETUNE_REPO``, else the clone this package was
+    installed from (``pip install -e .``), so a worker started from its clone's .venv
+    needs no setting. Not ``set_working_directory: "{{ $FINETUNE_REPO }}"``: ``prefect
+    deploy`` substitutes that from the deploying machine's environment when set there.
+    """
+    candidates = [directory, os.environ.get(REPO_ENV), str(Path(__file__).resolve().parents[1])]
+    for candidate in filter(None, candidates):
+        path = Path(candidate).expanduser().resolve()
+        if (path / "prefect.yaml").is_file() and (path / "flows" / "finetune.py").is_file():
+            os.chdir(path)
+            return {"directory": str(path)}
+    raise FileNotFoundError(
+        f"no clone of the finetune repository found (tried {', '.join(filter(None, candidates))}): "
+        f"set {REPO_ENV} in the worker's environment to the clone's path, or install the package "
+        "from a clone with pip install -e ."
+    )
+
+
+def log_late_start(grace: timedelta = LATE_AFTER) -> timedelta | None:
+    """Warn when this flow run started well after its scheduled time; returns the delay."""
+    scheduled = flow_run.scheduled_start_time
+    late = lateness(scheduled, datetime.now(timezone.utc), grace)
+    if late is not None:
+        get_run_logger().warning(late_start_message(scheduled, late))
+    return late
+
+
+@task(name="check-unchanged", cache_policy=NO_CACHE, result_serializer="json")
+def check_unchanged(settings: Settings, dataset_version: str) -> dict[str, Any] | None:
+    """The last published manifest when nothing changed since it (skip training); None when this run must train."""
+    comparison = compare_with(
+        last_published(open_store(settings.storage)),
+        dataset_version,
+        settings.fingerprint(),
+        base_model_ref(settings.model),
+    )
+    logger = get_run_logger()
+    if comparison.unchanged:
+        logger.info(nothing_changed_message(comparison.previous))
+        return comparison.previous
+    logger.info("training: %s", "; ".join(comparison.changes))
+    return None
+
+
+def nothing_changed(previous: dict[str, Any], store_uri: str) -> State:
+    """The flow's final state for a skipped retrain: Completed, named Skipped, pointing at the published run."""
+    run_prefix = f"{store_uri.rstrip('/')}/runs/{previous['run_id']}"
+    result = {
+        "skipped": True,
+        "reason": nothing_changed_message(previous),
+        "run_id": previous["run_id"],
+        "bundle_uri": run_prefix,
+        "dataset_version": previous.get("dataset_version"),
+        "metrics": previous.get("metrics", {}),
+        "promoted": False,
+        "promotion_reason": "not evaluated: nothing changed",
+    }
+    return Completed(name=SKIPPED_STATE, message=result["reason"], data=result)
+
+
+@contextlib.contextmanager
+def training_slot() -> Iterator[None]:
+    """Hold this machine's training slot (a global concurrency limit of 1) while training.
+
+    Only when the worker's environment names one (``FINETUNE_TRAINING_SLOT``): runs from
+    a laptop or the demo need no server-side limit. ``strict=True`` because Prefect
+    otherwise silently skips a limit that does not exist.
+    """
+    name = os.environ.get(TRAINING_SLOT_ENV)
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    get_run_logger().info("waiting for training slot %s", name)
+    with concurrency(name, occupy=1, strict=True):
+        yield
