@@ -1,0 +1,273 @@
+"""Deployments without a server: the retrain decisions, prefect.yaml, serve, provisioning and the launchd agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from s3faults import make_bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deployments/ lives at the repository root, uninstalled
+from deployments.project import HEARTBEAT_ENV, PREFECT_YAML, REPO, load_project
+from deployments.provision import MISSED_HEARTBEATS, render_plist, training_slot_name, zombie_automation
+from finetune.config import ModelConfig, Settings
+from finetune.publishing import publish_run
+from finetune.retrain import (
+    base_model_ref,
+    compare_with,
+    format_duration,
+    last_published,
+    lateness,
+    unchanged_since_last_publish,
+)
+from finetune.storage import LocalStore
+from tasks.schedule import SKIPPED_STATE, nothing_changed, use_local_clone
+
+SETTINGS = Settings()
+BASE = base_model_ref(SETTINGS.model)
+
+
+def publish(store: LocalStore, tmp_path: Path, run_id: str, dataset_version: str = "d1", **fields) -> dict:
+    manifest = {
+        "dataset_version": dataset_version,
+        "config_fingerprint": SETTINGS.fingerprint(),
+        "base_model": BASE,
+        "metrics": {"candidate": {"val_loss": 1.0}},
+        **fields,
+    }
+    return publish_run(store, run_id, make_bundle(tmp_path / run_id, weights=run_id.encode()), manifest).manifest
+
+
+def set_mtime(store: LocalStore, run_id: str, when: datetime) -> None:
+    path = store.root / "runs" / run_id / "manifest.json"
+    os.utime(path, (when.timestamp(), when.timestamp()))
+
+
+# ---------------------------------------------------------------- "nothing changed"
+
+
+def test_nothing_published_means_train(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    assert last_published(store) is None
+    comparison = compare_with(None, "d1", SETTINGS.fingerprint(), BASE)
+    assert not comparison.unchanged and comparison.changes == ["nothing published yet"]
+    assert unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE) is None
+
+
+def test_unchanged_since_the_last_published_run(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    publish(store, tmp_path, "run-a")
+    previous = unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE)
+    assert previous is not None and previous["run_id"] == "run-a"
+
+
+@pytest.mark.parametrize(
+    ("dataset_version", "settings", "changed"),
+    [
+        ("d2", SETTINGS, "dataset version"),
+        ("d1", Settings(training={"iters": 7}), "configuration"),
+        ("d1", Settings(model={"path": "mlx-community/other"}), "base model"),
+    ],
+)
+def test_any_change_means_train(tmp_path: Path, dataset_version: str, settings: Settings, changed: str) -> None:
+    store = LocalStore(tmp_path / "store")
+    publish(store, tmp_path, "run-a")
+    comparison = compare_with(last_published(store), dataset_version, settings.fingerprint(), base_model_ref(settings.model))
+    assert not comparison.unchanged
+    assert len(comparison.changes) == 1 + (changed == "base model")  # a new base model is also a new config
+    assert any(change.startswith(changed) for change in comparison.changes)
+
+
+def test_a_base_model_revision_is_a_change() -> None:
+    pinned = base_model_ref(ModelConfig(path="builtin:tiny-llama", revision="abc123"))
+    comparison = compare_with({"run_id": "a", "dataset_version": "d1", "base_model": BASE,
+                               "config_fingerprint": "f"}, "d1", "f", pinned)
+    assert comparison.changes == ["base model builtin:tiny-llama -> builtin:tiny-llama@abc123"]
+
+
+def test_only_the_most_recent_publication_counts(tmp_path: Path) -> None:
+    """Unchanged since an older run but not since the last one: the data moved on, then back; train."""
+    store = LocalStore(tmp_path / "store")
+    now = datetime.now(timezone.utc)
+    publish(store, tmp_path, "run-old", dataset_version="d1")
+    publish(store, tmp_path, "run-new", dataset_version="d2")
+    set_mtime(store, "run-old", now - timedelta(hours=2))
+    set_mtime(store, "run-new", now - timedelta(hours=1))
+    assert last_published(store)["run_id"] == "run-new"
+    assert unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE) is None
+    assert unchanged_since_last_publish(store, "d2", SETTINGS.fingerprint(), BASE)["run_id"] == "run-new"
+
+
+def test_same_second_publications_are_ordered_by_manifest_time(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    publish(store, tmp_path, "run-b", dataset_version="d1", note="first")
+    publish(store, tmp_path, "run-a", dataset_version="d2", note="second")
+    same = datetime.now(timezone.utc).replace(microsecond=0)
+    for run_id in ("run-a", "run-b"):
+        set_mtime(store, run_id, same)
+    manifests = {m: json.loads((store.root / "runs" / m / "manifest.json").read_text()) for m in ("run-a", "run-b")}
+    expected = max(manifests.values(), key=lambda m: (m["created"], m["run_id"]))["run_id"]
+    assert last_published(store)["run_id"] == expected
+
+
+def test_unpublished_attempts_are_not_publications(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("runs/crashed/attempts/x/adapters.safetensors", b"partial")
+    store.put_bytes("runs/crashed/attempts/x/manifest.json", b"{}")  # a bundle file of that name, not the commit point
+    assert last_published(store) is None
+
+
+def test_skipped_result_is_a_completed_state_that_names_the_published_run(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    previous = publish(store, tmp_path, "run-a")
+    state = nothing_changed(previous, "s3://bucket/ft/")
+    assert state.is_completed() and state.name == SKIPPED_STATE
+    assert "nothing changed since run run-a" in state.message and "force=true" in state.message
+    result = state.data
+    assert result["skipped"] is True and result["bundle_uri"] == "s3://bucket/ft/runs/run-a"
+    assert result["metrics"] == previous["metrics"] and result["dataset_version"] == "d1"
+
+
+# ---------------------------------------------------------------- late starts
+
+
+def test_lateness() -> None:
+    scheduled = datetime(2026, 1, 1, 2, 30, tzinfo=timezone.utc)
+    grace = timedelta(minutes=1)
+    assert lateness(scheduled, scheduled + timedelta(seconds=59), grace) is None
+    assert lateness(scheduled, scheduled - timedelta(hours=1), grace) is None
+    assert lateness(scheduled, scheduled + timedelta(hours=7, minutes=5), grace) == timedelta(hours=7, minutes=5)
+    assert format_duration(timedelta(days=1, hours=7, minutes=5, seconds=3)) == "1d 7h 5m"
+    assert format_duration(timedelta(seconds=42)) == "42s"
+
+
+# ---------------------------------------------------------------- the pull step
+
+
+def test_pull_step_finds_the_clone_the_package_was_installed_from(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FINETUNE_REPO", raising=False)
+    assert use_local_clone() == {"directory": str(REPO)}
+    assert Path.cwd() == REPO
+
+
+def test_pull_step_prefers_the_configured_clone(tmp_path: Path, monkeypatch) -> None:
+    clone = tmp_path / "clone"
+    (clone / "flows").mkdir(parents=True)
+    (clone / "flows" / "finetune.py").write_text("")
+    (clone / "prefect.yaml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_REPO", str(clone))
+    assert use_local_clone() == {"directory": str(clone)}
+    monkeypatch.chdir(tmp_path)
+    assert use_local_clone(str(REPO)) == {"directory": str(REPO)}
+
+
+def test_a_wrong_clone_setting_is_an_error_not_another_clone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_REPO", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere: not a clone.*check FINETUNE_REPO"):
+        use_local_clone()
+    assert Path.cwd() == tmp_path
+
+
+# ---------------------------------------------------------------- prefect.yaml and serve
+
+
+def test_prefect_yaml_deployments() -> None:
+    project = load_project()
+    assert project.pool == "mac-mlx" and project.heartbeat_seconds >= 30
+    names = {d["name"]: d for d in project.deployments}
+    assert set(names) == {"finetune", "retrain-nightly"}
+    for spec in names.values():
+        assert spec["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    nightly = names["retrain-nightly"]
+    assert nightly["schedules"][0]["cron"] and nightly["schedules"][0]["timezone"]
+    trigger = nightly["triggers"][0]
+    assert trigger["expect"] == ["finetune.dataset.updated"]
+    assert trigger["match"]["prefect.resource.id"] == "finetune.dataset." + nightly["parameters"]["dataset"]["source"]
+    raw = yaml.safe_load(PREFECT_YAML.read_text())
+    assert raw["pull"] == [{"tasks.schedule.use_local_clone": {}}]
+
+
+def test_entrypoints_are_modules_so_the_finetune_package_stays_importable() -> None:
+    """A file entrypoint (flows/finetune.py:...) registers the flow file as module `finetune`,
+    shadowing the package: `from finetune import __version__` then fails inside the run."""
+    import sys
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    for spec in load_project().deployments:
+        assert ".py" not in spec["entrypoint"], spec["entrypoint"]
+        flow = load_flow_from_entrypoint(spec["entrypoint"])
+        assert flow.name == "finetune-pipeline"
+    from finetune import __version__  # noqa: F401
+
+    assert Path(sys.modules["finetune"].__file__).parent.name == "finetune"
+
+
+def test_flow_form_has_force() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune_pipeline
+
+    properties = parameter_schema(finetune_pipeline).properties
+    assert properties["force"]["default"] is False and properties["force"]["type"] == "boolean"
+    assert {"dataset", "model", "training", "storage", "run_id", "fresh"} <= set(properties)
+
+
+def test_serve_builds_the_same_deployments() -> None:
+    from deployments.serve import runner_deployments
+
+    project = load_project()
+    served = {d.name: d for d in runner_deployments(project)}
+    assert set(served) == {d["name"] for d in project.deployments}
+    nightly_spec = next(d for d in project.deployments if d["name"] == "retrain-nightly")
+    nightly = served["retrain-nightly"]
+    schedule = nightly.schedules[0]
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.slug) == (
+        nightly_spec["schedules"][0]["cron"], nightly_spec["schedules"][0]["timezone"], "nightly"
+    )
+    assert nightly.parameters == nightly_spec["parameters"]
+    assert nightly.triggers[0].expect == {"finetune.dataset.updated"}
+    for deployment in served.values():
+        assert deployment.entrypoint == "flows.finetune.finetune_pipeline"
+        assert deployment.concurrency_limit == 1
+        assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+
+
+# ---------------------------------------------------------------- provisioning
+
+
+def test_zombie_automation_waits_three_heartbeats() -> None:
+    automation = zombie_automation(60)
+    trigger = automation.trigger
+    assert trigger.posture.value == "Proactive" and trigger.within == timedelta(seconds=MISSED_HEARTBEATS * 60)
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= trigger.expect
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert automation.actions[0].state.value == "CRASHED"
+
+
+def test_launchd_agent(tmp_path: Path) -> None:
+    repo = tmp_path / "R&D finetune"  # XML-special characters must be escaped, not break the plist
+    plist = plistlib.loads(render_plist("http://prefect.local:4200/api", "mac-mlx", "mlx-training-m1", repo).encode())
+    args = plist["ProgramArguments"]
+    assert args[0] == f"{repo}/.venv/bin/prefect" and args[1:3] == ["worker", "start"]
+    assert args[args.index("--pool") + 1] == "mac-mlx" and args[args.index("--limit") + 1] == "1"
+    env = plist["EnvironmentVariables"]
+    assert env["PREFECT_API_URL"] == "http://prefect.local:4200/api" and env["FINETUNE_REPO"] == str(repo)
+    assert env["FINETUNE_TRAINING_SLOT"] == "mlx-training-m1"
+    assert plist["WorkingDirectory"] == str(repo) and plist["KeepAlive"] is True and plist["RunAtLoad"] is True
+    assert training_slot_name("Studio-2.local") == "mlx-training-studio-2"
+
+
+def test_heartbeat_setting_is_in_prefect_yaml() -> None:
+    for spec in load_project().deployments:
+        assert spec["work_pool"]["job_variables"]["env"][HEARTBEAT_ENV] == str(load_project().heartbeat_seconds)
