@@ -153,6 +153,8 @@ def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = Fa
     preflight(settings)
     # Prefect's ephemeral server needs ~18 s to start on a small machine; its default timeout is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The library logs through `logging`; this sends its records to the run's logs in the UI too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "finetune")
     from flows.finetune import finetune_pipeline, flow_parameters
 
     return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh)
