@@ -42,17 +42,16 @@ def use_local_clone(directory: str | None = None) -> dict[str, str]:
     needs no setting. Not ``set_working_directory: "{{ $FINETUNE_REPO }}"``: ``prefect
     deploy`` substitutes that from the deploying machine's environment when set there.
     """
-    candidates = [directory, os.environ.get(REPO_ENV), str(Path(__file__).resolve().parents[1])]
-    for candidate in filter(None, candidates):
-        path = Path(candidate).expanduser().resolve()
-        if (path / "prefect.yaml").is_file() and (path / "flows" / "finetune.py").is_file():
-            os.chdir(path)
-            return {"directory": str(path)}
-    raise FileNotFoundError(
-        f"no clone of the finetune repository found (tried {', '.join(filter(None, candidates))}): "
-        f"set {REPO_ENV} in the worker's environment to the clone's path, or install the package "
-        "from a clone with pip install -e ."
-    )
+    chosen = directory or os.environ.get(REPO_ENV)
+    path = Path(chosen).expanduser().resolve() if chosen else Path(__file__).resolve().parents[1]
+    if not ((path / "prefect.yaml").is_file() and (path / "flows" / "finetune.py").is_file()):
+        hint = (
+            f"check {REPO_ENV} in the worker's environment" if chosen
+            else f"set {REPO_ENV} in the worker's environment to the clone's path, or pip install -e . from a clone"
+        )
+        raise FileNotFoundError(f"{path}: not a clone of the finetune repository (no prefect.yaml, flows/finetune.py); {hint}")
+    os.chdir(path)
+    return {"directory": str(path)}
 
 
 def log_late_start(grace: timedelta = LATE_AFTER) -> timedelta | None:

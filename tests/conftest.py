@@ -29,3 +29,7 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# A real `prefect server start` per session, for deployments, workers and automations (tests/prefect_server.py).
+from prefect_server import prefect_server, prefect_server_api  # noqa: E402,F401

@@ -1,0 +1,425 @@
+"""Deployments as a user runs them: a real Prefect server, moto's S3 server, `prefect deploy`, a process worker.
+
+Tests run in file order and share one deployment and one worker. The worker starts
+only after the event test, whose automation-created run must never execute (its
+default parameters point at the checkout); the worker's clone is a temporary
+`git clone` of this repository, so a stray run could only write there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import boto3
+import pytest
+from prefect import flow
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.events import Event
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelled, Running, Scheduled
+from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deployments/ lives at the repository root, uninstalled
+from deployments.provision import zombie_automation  # noqa: E402
+from finetune.blas import openblas_library  # noqa: E402
+from finetune.config import StorageConfig, load_settings  # noqa: E402
+from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
+from finetune.storage import open_store  # noqa: E402
+from prefect_server import PrefectServer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+BUCKET = "finetune-deploy-e2e"
+PREFIX = "ft"
+# Marker credentials: moto accepts anything, and a leak would be easy to spot.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIADEPLOYTESTMARKER", "AWS_SECRET_ACCESS_KEY": "deploy-test-secret-marker",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+TIMINGS: dict[str, float] = {}
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def client() -> SyncPrefectClient:
+    return get_client(sync_client=True)
+
+
+def read_run(run_id: UUID) -> FlowRun:
+    with client() as c:
+        return c.read_flow_run(run_id)
+
+
+def wait_final(run_id: UUID, timeout: float) -> FlowRun:
+    return wait_for(lambda: (run := read_run(run_id)).state.is_final() and run, timeout, f"flow run {run_id} to end")
+
+
+def run_cli(server: PrefectServer, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PREFECT, *args], env=server.env(**env), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def param_args(parameters: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in parameters.items():
+        args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return args
+
+
+def storage(endpoint: str) -> dict[str, Any]:
+    return {"uri": f"s3://{BUCKET}/{PREFIX}", "endpoint_url": endpoint, "region": "us-east-1"}
+
+
+def parameters(work: Path, run_id: str, endpoint: str, **training: Any) -> dict[str, Any]:
+    """Every section the run depends on, so that two deployments given these compute the same fingerprint."""
+    return {
+        "work_dir": str(work),
+        "run_id": run_id,
+        "dataset": {"source": "builtin:capitals"},
+        "model": {"path": "builtin:tiny-llama"},
+        "storage": storage(endpoint),
+        "training": {"iters": 10, "steps_per_eval": 5, "steps_per_checkpoint": 5, "steps_per_report": 5, **training},
+        "evaluation": {"max_examples": 4, "max_tokens": 8, "primary_metric": "val_loss"},
+    }
+
+
+def training_processes(request_file: Path) -> list[int]:
+    """Pids of live training children for this run (by command line; `ps` exists on Linux and macOS)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, stat, args = line.strip().split(None, 2)
+        if "finetune.child" in args and str(request_file) in args and not stat.startswith("Z"):
+            pids.append(int(pid))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(out) and not out.startswith("Z")
+
+
+def seconds(start: datetime | None, end: datetime | None) -> float:
+    return (end - start).total_seconds() if start and end else float("nan")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings() -> Iterator[None]:
+    yield
+    print("\n\ndeployment end-to-end phases (s):")
+    for phase, value in TIMINGS.items():
+        print(f"  {phase:<44} {value:7.1f}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """This module's Prefect client calls go to the session's real server (module fixtures included)."""
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        yield prefect_server
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(moto_server) -> Iterator[str]:  # noqa: F811
+    host, port = moto_server
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
+    """`python -m deployments.provision` (creates the pool) then `prefect deploy --all`, from the repository."""
+    TIMINGS["server start (fresh database)"] = prefect_server.startup_seconds
+    started = time.monotonic()
+    provision = subprocess.run(
+        [sys.executable, "-m", "deployments.provision"], env=prefect_server.env(), cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert provision.returncode == 0, provision.stdout + provision.stderr
+    assert "work pool mac-mlx: created (process)" in provision.stdout
+    TIMINGS["provision (pool, slot, automation)"] = time.monotonic() - started
+    started = time.monotonic()
+    deploy = run_cli(prefect_server, "deploy", "--all")
+    assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
+    TIMINGS["prefect deploy --all"] = time.monotonic() - started
+    with client() as c:
+        return {name: c.read_deployment_by_name(f"finetune-pipeline/{name}").id for name in ("finetune", "retrain-nightly")}
+
+
+@pytest.fixture(scope="module")
+def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_factory) -> Iterator[Path]:
+    """`prefect worker start` on the pool, from a clone of this repository; yields the clone."""
+    clone = tmp_path_factory.mktemp("clone") / "finetune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    shutil.copy(REPO / "prefect.yaml", clone / "prefect.yaml")  # the file under test, committed or not
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    extra = {"FINETUNE_REPO": str(clone), "PREFECT_WORKER_QUERY_SECONDS": "2", **CREDENTIALS}
+    if openblas := openblas_library():
+        extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "mac-mlx", "--type", "process", "--limit", "1"],
+            env=prefect_server.env(**extra), cwd=clone, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def online() -> bool:
+        with client() as c:
+            return any(w.status.value == "ONLINE" for w in c.read_workers_for_work_pool("mac-mlx"))
+
+    try:
+        wait_for(lambda: process.poll() is not None or online(), 180, "the worker to come online")
+        assert process.poll() is None, log.read_text()[-4000:]
+        TIMINGS["worker start until online"] = time.monotonic() - started
+        yield clone
+    finally:
+        # The worker shuts down on SIGINT; it ignored a plain SIGTERM here.
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        print(f"\nworker log tail:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def first_run(worker, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_factory) -> dict[str, Any]:
+    """`prefect deployment run 'finetune-pipeline/finetune' --param … --watch`, as a user types it."""
+    work = tmp_path_factory.mktemp("work")
+    params = parameters(work, "e2e-first", s3_endpoint)
+    started = time.monotonic()
+    run = run_cli(prefect_server, "deployment", "run", "finetune-pipeline/finetune", *param_args(params), "--watch",
+                  timeout=900)
+    TIMINGS["deployment run --watch (wall)"] = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1))
+    return {"id": flow_run_id, "params": params, "work": work, "stdout": run.stdout}
+
+
+# ---------------------------------------------------------------- tests (file order matters: no worker yet)
+
+
+def test_dataset_updated_event_creates_a_retrain_run(deployed, api: PrefectServer) -> None:
+    nightly = deployed["retrain-nightly"]
+
+    def runs() -> list[FlowRun]:
+        with client() as c:
+            return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly])))
+
+    assert runs() == []
+    other = Event(event="finetune.dataset.updated", resource={"prefect.resource.id": "finetune.dataset.s3://other/x.jsonl"})
+    with client() as c:
+        c.request("POST", "/events", json=[other.model_dump(mode="json")]).raise_for_status()
+    started = time.monotonic()
+    emit = run_cli(api, "event", "emit", "finetune.dataset.updated",
+                   "--resource-id", "finetune.dataset.builtin:capitals")
+    assert emit.returncode == 0, emit.stdout + emit.stderr
+    try:
+        created = wait_for(runs, 60, "the automation to create a retrain-nightly run", interval=0.5)
+        TIMINGS["event emitted until run created"] = time.monotonic() - started
+        time.sleep(2)  # the event for another dataset, sent first, must not have created one too
+        created = runs()
+        assert len(created) == 1, [r.name for r in created]
+        run = created[0]
+        assert run.created_by is not None and run.created_by.type == "AUTOMATION"
+        assert run.parameters["dataset"] == {"source": "builtin:capitals"}
+        assert run.state.type == StateType.SCHEDULED
+    finally:
+        with client() as c:  # never let a worker run it: its defaults write into the checkout
+            for run in runs():
+                c.delete_flow_run(run.id)
+
+
+def test_deployments_are_stored_as_written(deployed, api: PrefectServer) -> None:
+    with client() as c:
+        nightly = c.read_deployment(deployed["retrain-nightly"])
+        on_demand = c.read_deployment(deployed["finetune"])
+        automations = c.read_automations()
+    (schedule,) = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.slug, schedule.active) == (
+        "30 2 * * *", "Europe/Berlin", "nightly", True
+    )
+    assert on_demand.schedules == []
+    for deployment in (nightly, on_demand):
+        assert deployment.work_pool_name == "mac-mlx"
+        assert deployment.entrypoint == "flows.finetune.finetune_pipeline"
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+        assert deployment.pull_steps == [{"tasks.schedule.use_local_clone": {}}]
+        assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    assert nightly.parameters["dataset"] == {"source": "builtin:capitals"}
+    assert on_demand.parameter_openapi_schema["properties"]["force"]["default"] is False
+    names = {a.name: a for a in automations}
+    assert "finetune: mark flow runs without heartbeats Crashed" in names
+    trigger = names["retrain-nightly__automation_1"].trigger
+    assert trigger.expect == {"finetune.dataset.updated"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": "finetune.dataset.builtin:capitals"}
+
+
+def test_deployment_run_publishes_a_verified_bundle(first_run, api, s3_endpoint, tmp_path) -> None:
+    run = read_run(first_run["id"])
+    assert run.state.type == StateType.COMPLETED and run.state.name == "Completed"
+    TIMINGS["worker pickup (created -> running)"] = seconds(run.created, run.start_time)
+    TIMINGS["flow run (running -> completed)"] = seconds(run.start_time, run.end_time)
+
+    cfg = StorageConfig(**storage(s3_endpoint))
+    manifest = read_manifest(open_store(cfg), "e2e-first")
+    assert manifest is not None
+    # fetch_bundle checks every file against the manifest's sha256 before the directory appears.
+    bundle = fetch_bundle(f"s3://{BUCKET}/{PREFIX}/runs/e2e-first", tmp_path / "cache", cfg)
+    assert (bundle / "adapters.safetensors").is_file() and (bundle / "adapter_config.json").is_file()
+    params = first_run["params"]
+    sections = {k: v for k, v in params.items() if isinstance(v, dict)}
+    expected = load_settings(overrides={"work_dir": params["work_dir"], **sections})
+    assert manifest["config_fingerprint"] == expected.fingerprint()
+    assert manifest["base_model"] == {"path": "builtin:tiny-llama", "revision": None}
+    assert len(manifest["dataset_version"]) == 64
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+
+    with client() as c:
+        artifacts = c.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["id"]]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["evaluation-metrics"].type == "table"
+    assert by_key["training-progress"].type == "progress" and float(by_key["training-progress"].data) == 100.0
+    assert f"s3://{BUCKET}/{PREFIX}/runs/e2e-first" in str(by_key["published-bundle"].data)
+    assert by_key["training-history"].type == "table"
+
+
+def test_flow_run_sends_heartbeats(first_run, api) -> None:
+    """What the zombie automation watches: the worker's flow process emits prefect.flow-run.heartbeat."""
+
+    def heartbeats() -> int:
+        with client() as c:
+            page = c.read_events(EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{first_run['id']}"]),
+            ), limit=10)  # the client's default (100) is above the server's maximum (50)
+        return page.total
+
+    assert wait_for(heartbeats, 30, "a heartbeat event of the first run") >= 1
+
+
+def test_late_retrain_on_unchanged_data_is_skipped(first_run, deployed, api, s3_endpoint) -> None:
+    """retrain-nightly, 3 h late (a Mac that slept), same data, model and config: Skipped, nothing trained."""
+    params = {**first_run["params"], "run_id": "e2e-nightly"}
+    scheduled = datetime.now(timezone.utc) - timedelta(hours=3)
+    with client() as c:
+        run = c.create_flow_run_from_deployment(
+            deployed["retrain-nightly"], parameters=params, state=Scheduled(scheduled_time=scheduled)
+        )
+    done = wait_final(run.id, 300)
+    TIMINGS["skipped retrain: pickup (created -> running)"] = seconds(done.created, done.start_time)
+    TIMINGS["skipped retrain: flow run"] = seconds(done.start_time, done.end_time)
+    assert done.state.type == StateType.COMPLETED and done.state.name == "Skipped", done.state
+    assert "nothing changed since run e2e-first" in done.state.message
+    with client() as c:
+        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        logs = [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+    task_names = {t.name.rsplit("-", 1)[0] for t in task_runs}
+    assert "check-unchanged" in task_names and "train-adapter" not in task_names, task_names
+    assert any("after its scheduled time" in line and "3h" in line for line in logs), logs
+    assert read_manifest(open_store(StorageConfig(**storage(s3_endpoint))), "e2e-nightly") is None
+
+
+def test_cancelling_a_run_kills_its_training_process(worker, deployed, api, s3_endpoint, tmp_path) -> None:
+    params = parameters(tmp_path, "e2e-cancel", s3_endpoint, iters=100_000)
+    request_file = tmp_path / "runs" / "e2e-cancel" / "train-request.json"
+    with client() as c:
+        run = c.create_flow_run_from_deployment(deployed["finetune"], parameters=params)
+    pids = wait_for(lambda: training_processes(request_file), 300, "the training child to start")
+    assert read_run(run.id).state.type == StateType.RUNNING
+    cancelled_at = time.monotonic()
+    cancel = run_cli(api, "flow-run", "cancel", str(run.id))
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    done = wait_final(run.id, 120)
+    assert done.state.type == StateType.CANCELLED, done.state
+    wait_for(lambda: not any(alive(pid) for pid in pids), 30, f"training processes {pids} to exit")
+    TIMINGS["cancel until training process gone"] = time.monotonic() - cancelled_at
+    assert training_processes(request_file) == []
+
+
+def test_zombie_automation_crashes_a_run_whose_heartbeats_stop(api) -> None:
+    """The provisioned automation's rule, on a 4 s heartbeat (12 s window) and scoped to this test's runs by tag."""
+    tag = f"zombie-{uuid4().hex[:8]}"
+    automation = zombie_automation(4, name=f"test {tag}", match_related={"prefect.resource.id": f"prefect.tag.{tag}"})
+
+    @flow(name="zombie-probe")
+    def probe() -> None: ...
+
+    def heartbeat(run_id: UUID) -> None:
+        event = Event(
+            event="prefect.flow-run.heartbeat",
+            resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
+            related=[{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}],
+        )
+        with client() as c:
+            c.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
+
+    with client() as c:
+        automation_id = c.create_automation(automation)
+        silent, beating = (c.create_flow_run(probe, tags=[tag], state=Running()) for _ in range(2))
+    try:
+        heartbeat(silent.id)
+        started = time.monotonic()
+
+        def crashed() -> bool:
+            heartbeat(beating.id)
+            return read_run(silent.id).state.type == StateType.CRASHED
+
+        wait_for(crashed, 90, "the silent run to be marked Crashed", interval=3)
+        TIMINGS["zombie: last heartbeat until Crashed (12 s window)"] = time.monotonic() - started
+        assert "no heartbeat" in read_run(silent.id).state.message
+        assert read_run(beating.id).state.type == StateType.RUNNING
+    finally:
+        with client() as c:
+            c.delete_automation(automation_id)
+            c.set_flow_run_state(beating.id, Cancelled(), force=True)
