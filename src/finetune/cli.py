@@ -60,13 +60,14 @@ def demo(
     work_dir: Annotated[Path, typer.Option(help="Run directories, caches and the built tiny model.")] = Path(".finetune"),
     store: Annotated[str, typer.Option(help="Where to publish: a directory, file://… or s3://bucket/prefix.")] = "finetune-store",
     overrides: SetOption = None,
+    force: Annotated[bool, typer.Option(help="Train again even if nothing changed since the last demo run.")] = False,
 ) -> None:
     """Run the whole pipeline on the embedded defaults: offline, no accounts, a minute or two."""
     console.print(DEMO_BANNER, highlight=False)
     # The tiny model never answers a capital right, so the demo's gate is validation loss.
     demo_defaults = [f"work_dir={work_dir}", f"storage.uri={store}", "evaluation.primary_metric=val_loss"]
     settings = settings_from(None, [*demo_defaults, *(overrides or [])])
-    print_summary(run_pipeline(settings))
+    print_summary(run_pipeline(settings, force=force))
 
 
 @app.command()
@@ -76,10 +77,11 @@ def run(
     overrides: SetOption = None,
     run_id: Annotated[Optional[str], typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+    force: Annotated[bool, typer.Option(help="Train even if data, model and config equal the last published run's.")] = False,
 ) -> None:
     """Run the pipeline (fetch, template, train, evaluate, publish) on your configuration."""
     settings = settings_from(config, overrides)
-    print_summary(run_pipeline(settings, run_id=run_id, fresh=fresh))
+    print_summary(run_pipeline(settings, run_id=run_id, fresh=fresh, force=force))
 
 
 @app.command()
@@ -146,7 +148,7 @@ def tiny_model(out: Annotated[Path, typer.Argument(help="Directory to write the 
     typer.echo(f"tiny model written to {path}")
 
 
-def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = False) -> dict:
+def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = False, force: bool = False) -> dict:
     """Check what can be checked cheaply, then run the Prefect flow (ephemeral API unless PREFECT_API_URL is set)."""
     from finetune.stages import preflight
 
@@ -157,7 +159,7 @@ def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = Fa
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "finetune")
     from flows.finetune import finetune_pipeline, flow_parameters
 
-    return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh)
+    return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh, force=force)
 
 
 def print_summary(result: dict) -> None:
@@ -166,10 +168,14 @@ def print_summary(result: dict) -> None:
     out = Console()
     out.print()
     out.print(f"[bold]run[/] {result['run_id']}")
+    if result.get("skipped"):
+        out.print(f"skipped: {result['reason']}", highlight=False)
     out.print(f"validation loss: base {base['val_loss']:.4f} -> adapter {cand['val_loss']:.4f}", highlight=False)
     out.print(f"perplexity:      base {base['val_ppl']:.2f} -> adapter {cand['val_ppl']:.2f}", highlight=False)
     out.print(f"published to {result['bundle_uri']}", highlight=False)
     verdict = {True: "promoted to champion", False: "not promoted", None: "unchanged"}[result["promoted"]]
+    if result.get("skipped"):
+        verdict = "unchanged"
     out.print(f"champion: {verdict} ({result['promotion_reason']})", highlight=False)
     out.print("try it:", highlight=False)
     out.print(f"  finetune generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
