@@ -327,6 +327,10 @@ def test_deployment_run_publishes_a_verified_bundle(first_run, api, s3_endpoint,
         artifacts = c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["id"]]))
         )
+        logs = [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run["id"]])))]
+    # The training child's progress reaches the run's log (what the UI shows), not just the worker's stdout.
+    assert any(line.startswith("training 10 steps") for line in logs), logs
+    assert any(line.startswith("step 10: validation loss") for line in logs), logs
     by_key = {a.key: a for a in artifacts}
     assert by_key["evaluation-metrics"].type == "table"
     assert by_key["training-progress"].type == "progress" and float(by_key["training-progress"].data) == 100.0
