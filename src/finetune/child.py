@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import checkpoints, training
-from finetune.blas import preload_env
+from finetune.blas import is_preloaded, preload_env
 from finetune.config import Settings
 from finetune.data import DataError, load_tokenized
 
@@ -81,7 +81,7 @@ def run_training_child(
     mirror = CheckpointMirror.open(settings, run_dir, log, fresh)
     env, library = preload_env(enabled=settings.training.use_openblas == "auto")
     env["PYTHONUNBUFFERED"] = "1"
-    log(_blas_message(settings, library))
+    log(_blas_message(settings, library, env))
     proc = subprocess.Popen(
         [sys.executable, "-m", "finetune.child", str(request)],
         stdout=subprocess.PIPE,
@@ -141,9 +141,11 @@ def run_training_child(
     return training.TrainResult.from_json(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
 
 
-def _blas_message(settings: Settings, library: str | None) -> str:
+def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) -> str:
     if library:
         return f"training with OpenBLAS preloaded (LD_PRELOAD={library})"
+    if is_preloaded(env):
+        return f"training with OpenBLAS preloaded by the environment (LD_PRELOAD={env['LD_PRELOAD']})"
     if settings.training.use_openblas == "off":
         return "training with MLX's bundled BLAS (training.use_openblas=off)"
     return "training with MLX's bundled BLAS (Debian OpenBLAS not found)"

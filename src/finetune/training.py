@@ -534,6 +534,9 @@ class _Window:
     def report(self) -> dict[str, Any]:
         return {
             "train_loss": self.loss_sum / self.targets if self.targets else None,
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "supervised_tokens": self.targets,
             "tokens_per_sec": self.tokens / self.seconds,
             "supervised_tokens_per_sec": self.targets / self.seconds,
             "padded_fraction": 1 - self.tokens / self.computed,

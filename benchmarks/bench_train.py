@@ -1,0 +1,275 @@
+"""finetune's trainer vs ``python -m mlx_lm lora``, side by side, then the demo with and without OpenBLAS.
+
+Both trainers get the same tiny model, the same mixed-length chat data (one
+epoch: every row once, so both see the same tokens), the same optimizer
+(Adam, constant learning rate, no clipping), LoRA rank/scale, batch size and
+sequence limit, and the same BLAS. Figures:
+
+- supervised tokens/s and all (non-padding) tokens/s over the training time
+  (validation excluded, as mlx-lm does; compilation included for both);
+- padded fraction of the computed tokens (mlx-lm's from its own batching of
+  the same data, replayed with its ``iterate_batches``);
+- peak resident memory of a training process; final validation loss, both
+  as each trainer reports it and through one evaluator (finetune's) on the
+  same supervised tokens.
+
+Validation loss after one epoch of a random-init model varies by ~0.15
+between seeds, so each trainer runs with several seeds (interleaved, as the
+machine may be shared) and the means are compared.
+
+mlx-lm's ``mask_prompt`` also supervises the newline after the final
+``<|im_end|>`` (one token per row that finetune leaves out), so its supervised
+count is slightly higher for the same rows.
+
+Run by hand:  .venv/bin/python benchmarks/bench_train.py [--iters 100] [--seeds 3] [--skip-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from finetune.blas import preload_env, reexec_with_openblas
+from finetune.child import run_training_child
+from finetune.config import load_settings
+from finetune.data import Splits, TokenizedData, load_splits, save_tokenized, tokenize_splits
+from finetune.evaluation import evaluate_loss, load_for_eval
+from finetune.tiny_model import ensure_tiny_model
+from finetune.training import METRICS_FILE
+
+BATCH, RANK, SCALE, LR, MAX_LEN = 8, 8, 20.0, 2e-3, 512
+
+
+def mixed_rows(source: list[dict], n: int, seed: int) -> list[dict]:
+    """Chats asking about 1..14 capitals at once (heavy-tailed), so row lengths vary ~15x."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        k = int(min(14, 1 + rng.lognormal(0.7, 0.9)))
+        picks = [source[i]["messages"] for i in rng.choice(len(source), k, replace=False)]
+        rows.append({"messages": [
+            {"role": "user", "content": " ".join(m[0]["content"] for m in picks)},
+            {"role": "assistant", "content": " ".join(m[1]["content"] for m in picks)},
+        ]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tokenize(model: str, splits: Splits, path: Path, overrides: list[str]) -> tuple[Path, TokenizedData]:
+    """The tokenized-data file the training child reads."""
+    from mlx_lm import load
+
+    _, tokenizer = load(model)
+    data = tokenize_splits(splits, tokenizer, load_settings(None, overrides).template)
+    return save_tokenized(path, data), data
+
+
+def common_val_loss(model: str, adapter_dir: Path, valid: list) -> float:
+    """One definition for both adapters: finetune's evaluator, finetune's supervised tokens."""
+    return evaluate_loss(load_for_eval(model, adapter_dir)[0], valid)["loss"]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the peak resident set of a running process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) -> dict:
+    settings = load_settings(None, [
+        f"training.iters={iters}", f"training.batch_size={BATCH}", f"training.learning_rate={LR}",
+        "training.lr_schedule=constant", "training.warmup_steps=0", "training.grad_clip=null", f"training.seed={seed}",
+        f"training.steps_per_report={iters}", f"training.steps_per_eval={iters}", f"training.steps_per_checkpoint={iters}",
+        f"lora.rank={RANK}", f"lora.scale={SCALE}", f"template.max_seq_length={MAX_LEN}",
+    ])
+    peak = []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "done":  # the child is still alive right after its last training step
+            pids = subprocess.run(["pgrep", "-f", str(run_dir / "train-request.json")], capture_output=True, text=True)
+            peak.extend(peak_rss_mb(int(pid)) for pid in pids.stdout.split())
+
+    started = time.perf_counter()
+    result = run_training_child(settings, model, data_file, run_dir, lambda line: None, on_event=on_event)
+    wall = time.perf_counter() - started
+    events = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    windows = [e for e in events if e["event"] == "train"]
+    tokens = sum(e["tokens"] for e in windows)
+    return {
+        "seconds": sum(e["seconds"] for e in windows), "tokens": tokens,
+        "supervised": sum(e["supervised_tokens"] for e in windows),
+        "computed": sum(e["tokens"] / (1 - e["padded_fraction"]) for e in windows),
+        "wall_seconds": wall, "peak_rss_mb": max(peak, default=float("nan")),
+        "final_val_loss": result.final_val_loss, "adapter_dir": result.adapter_dir,
+    }
+
+
+def mlx_lm_batches(model: str, data_dir: Path) -> dict:
+    """Replay mlx-lm's own batching of the same data for one epoch: tokens, supervised tokens, computed positions."""
+    from types import SimpleNamespace
+
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    _, tokenizer = load(model)
+    train, _, _ = load_local_dataset(data_dir, tokenizer, SimpleNamespace(mask_prompt=True))
+    real = supervised = computed = 0
+    for batch, lengths in iterate_batches(CacheDataset(train), BATCH, MAX_LEN, loop=False, seed=0):
+        offsets, lens = np.array(lengths[:, 0]), np.array(lengths[:, 1])
+        computed += batch.shape[0] * (batch.shape[1] - 1)
+        real += int((lens - 1).sum())
+        supervised += int((lens - np.maximum(offsets, 1)).sum())
+    return {"tokens": real, "supervised": supervised, "computed": computed}
+
+
+def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, batches: dict) -> dict:
+    out.mkdir()
+    config = {
+        "model": model, "train": True, "data": str(data_dir), "fine_tune_type": "lora", "optimizer": "adam",
+        "mask_prompt": True, "num_layers": -1, "batch_size": BATCH, "iters": iters, "val_batches": -1,
+        "learning_rate": LR, "steps_per_report": iters, "steps_per_eval": iters, "save_every": 10 * iters,
+        "adapter_path": str(out / "adapter"), "max_seq_length": MAX_LEN, "seed": seed,
+        "lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0},
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    env, _ = preload_env()
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "lora", "-c", str(out / "config.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # rich colours even when piped
+    if proc.returncode != 0:
+        raise SystemExit(f"mlx_lm lora failed:\n{output}")
+    train = re.findall(r"^\s*(\d+)\s+([\d.]+) [▼▲]\s+([\d,]+)\s+([\d.]+)k", output, re.M)
+    vals = re.findall(r"^\s*(\d+)\s+val ([\d.]+)", output, re.M)
+    if not train or not vals:
+        raise SystemExit(f"could not parse mlx_lm output:\n{output}")
+    supervised_per_second = float(train[-1][2].replace(",", ""))
+    return {
+        # One report window spans the whole epoch, so its tokens/s gives the training time.
+        "seconds": batches["supervised"] / supervised_per_second, **batches,
+        "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+        "final_val_loss": float(vals[-1][1]), "adapter_dir": out / "adapter",
+    }
+
+
+def side_by_side(model: str, work: Path, iters: int, seeds: int) -> None:
+    splits = load_splits(load_settings().dataset)
+    data_dir = work / "mixed"
+    data_dir.mkdir()
+    train_rows = mixed_rows(list(splits.train), iters * BATCH, seed=1)
+    valid_rows = mixed_rows([*splits.valid, *splits.test], 8 * BATCH, seed=2)
+    write_jsonl(data_dir / "train.jsonl", train_rows)
+    write_jsonl(data_dir / "valid.jsonl", valid_rows)
+
+    data_file, data = tokenize(model, Splits(train_rows, valid_rows, []), work / "tokenized.safetensors",
+                               [f"template.max_seq_length={MAX_LEN}"])
+    lengths = [int(n) for n in data.splits["train"].lengths()]
+    print(f"data: {len(train_rows)} train rows, {len(valid_rows)} valid rows; tokens per row min {min(lengths)}, "
+          f"median {int(np.median(lengths))}, max {max(lengths)}; {iters} steps of {BATCH} = one epoch")
+
+    batches = mlx_lm_batches(model, data_dir)
+    valid = data.splits["valid"].encoded()
+    runs: dict[str, list[dict]] = {"finetune": [], "mlx_lm lora": []}
+    for seed in range(seeds):  # interleaved, so both see the same load on a shared machine
+        for name, run in (("finetune", lambda: run_ours(model, data_file, work / f"ours-{seed}", iters, seed)),
+                          ("mlx_lm lora", lambda: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches))):
+            result = run()
+            result["common_val_loss"] = common_val_loss(model, result["adapter_dir"], valid)
+            runs[name].append(result)
+            print(f"  seed {seed} {name:12} {result['supervised'] / result['seconds']:8,.0f} supervised tok/s  "
+                  f"val loss {result['common_val_loss']:.4f}")
+    summary = {name: summarize(results) for name, results in runs.items()}
+    ours, theirs = summary["finetune"], summary["mlx_lm lora"]
+    print(f"\n{'':34}{'finetune':>16}{'mlx_lm lora':>16}{'ratio':>8}")
+    for label, key, fmt in [
+        ("supervised tokens/s", "supervised_tok_s", "{:,.0f}"),
+        ("all tokens/s (non-padding)", "all_tok_s", "{:,.0f}"),
+        ("padded fraction", "padded_fraction", "{:.1%}"),
+        ("training seconds (sum)", "seconds", "{:.1f}"),
+        ("process wall seconds (sum)", "wall_seconds", "{:.1f}"),
+        ("peak RSS of a training process MB", "peak_rss_mb", "{:,.0f}"),
+        ("val loss, own definition (mean)", "final_val_loss", "{:.4f}"),
+        ("val loss, same evaluator (mean)", "common_val_loss", "{:.4f}"),
+    ]:
+        a, b = ours[key], theirs[key]
+        print(f"{label:34}{fmt.format(a):>16}{fmt.format(b):>16}{a / b:>8.2f}")
+    for name, s in summary.items():
+        print(f"{name}: val loss (same evaluator) per seed {', '.join(f'{v:.4f}' for v in s['val_losses'])}")
+
+
+def summarize(results: list[dict]) -> dict:
+    total = {k: sum(r[k] for r in results) for k in ("seconds", "tokens", "supervised", "computed", "wall_seconds")}
+    return {
+        **total,
+        "supervised_tok_s": total["supervised"] / total["seconds"],
+        "all_tok_s": total["tokens"] / total["seconds"],
+        "padded_fraction": 1 - total["tokens"] / total["computed"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "final_val_loss": float(np.mean([r["final_val_loss"] for r in results])),
+        "common_val_loss": float(np.mean([r["common_val_loss"] for r in results])),
+        "val_losses": [r["common_val_loss"] for r in results],
+    }
+
+
+def demo_blas(model: str, work: Path) -> None:
+    """The demo's default training, with Debian OpenBLAS preloaded and without."""
+    settings = load_settings()
+    data_file, _ = tokenize(model, load_splits(settings.dataset), work / "demo.safetensors", [])
+    figures = {}
+    for mode in ("auto", "off"):
+        s = load_settings(None, [f"training.use_openblas={mode}"])
+        logs: list[str] = []
+        started = time.perf_counter()
+        result = run_training_child(s, model, data_file, work / f"demo-{mode}", logs.append)
+        wall = time.perf_counter() - started
+        events = [json.loads(x) for x in (work / f"demo-{mode}" / METRICS_FILE).read_text().splitlines()]
+        windows = [e for e in events if e["event"] == "train"]
+        seconds = sum(e["seconds"] for e in windows)
+        figures[mode] = (wall, sum(e["tokens"] for e in windows) / seconds,
+                         sum(e["supervised_tokens"] for e in windows) / seconds, result.final_val_loss, logs[0])
+    print(f"\ndemo training ({settings.training.iters} steps, default config):")
+    for mode, (wall, tok, sup, loss, line) in figures.items():
+        print(f"  {line}\n    wall {wall:.1f} s, {tok:,.0f} tokens/s ({sup:,.0f} supervised), final val loss {loss:.4f}")
+    (wa, ta, *_), (wo, to, *_) = figures["auto"], figures["off"]
+    print(f"  OpenBLAS speed-up: {ta / to:.2f}x tokens/s, {wo / wa:.2f}x wall time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=100, help="steps (one epoch of iters*8 rows)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per trainer (seeds 0..N-1); single runs are noisy")
+    parser.add_argument("--skip-demo", action="store_true", help="skip the OpenBLAS on/off demo measurement")
+    args = parser.parse_args()
+    # Children get OpenBLAS from their launchers (or not, for the "off" run): an inherited preload would blur that.
+    reexec_with_openblas()  # for the in-process evaluation; the children decide for themselves
+    os.environ.pop("LD_PRELOAD", None)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        model = str(ensure_tiny_model(work / "models"))
+        side_by_side(model, work, args.iters, args.seeds)
+        if not args.skip_demo:
+            demo_blas(model, work)
+
+
+if __name__ == "__main__":
+    main()
