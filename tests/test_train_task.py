@@ -88,3 +88,43 @@ def test_user_error_fails_without_retry(prefect_api, tiny_model_dir, data_path, 
     with pytest.raises(TrainingError, match="fewer than training.batch_size=64"):
         state.result()
     assert task_run.run_count == 1
+
+
+def test_pipeline_survives_a_killed_training_child(prefect_api, tmp_path):
+    """Issue 4: the child dies mid-run, the train task retries and resumes, the flow publishes one bundle."""
+    from finetune.config import EvaluationConfig, StorageConfig, TrainingConfig
+    from finetune.publishing import list_runs
+    from finetune.storage import open_store
+    from flows.finetune import finetune_pipeline
+
+    work = tmp_path / "work"
+    run_dir = work / "runs" / "killed-run"
+    killed = []
+
+    def kill_once_checkpointed() -> None:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "step-0000004").is_dir():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = subprocess.run(["pgrep", "-f", str(run_dir / "train-request.json")], capture_output=True, text=True)
+        for pid in map(int, out.stdout.split()):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_once_checkpointed, daemon=True)
+    killer.start()
+    storage = StorageConfig(uri=str(tmp_path / "store"))
+    finetune_pipeline(
+        training=TrainingConfig(iters=12, batch_size=4, steps_per_checkpoint=4, steps_per_eval=6, retries=1,
+                                retry_delay_seconds=0),
+        evaluation=EvaluationConfig(max_examples=4),
+        storage=storage,
+        work_dir=str(work),
+        run_id="killed-run",
+    )
+    killer.join(5)
+    assert killed, "the training child was never killed"
+    [run] = list_runs(open_store(storage))
+    assert run.run_id == "killed-run" and run.published
+    events = (run_dir / "metrics.jsonl").read_text()
+    assert '"event": "resume"' in events
