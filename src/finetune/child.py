@@ -307,9 +307,9 @@ def format_event(e: dict[str, Any]) -> str | None:
         return f"resumed from checkpoint {e['checkpoint']}"
     if kind == "done":
         return f"training finished at step {e['step']}; adapter (step {e['adapter_step']}) in {e['adapter_dir']}"
-    if kind in ("skip", "warning", "error"):
+    if kind in ("skip", "warning"):
         return f"{kind}: {e['message']}"
-    return None
+    return None  # an error is raised to the caller, which shows it once
 
 
 # ---------------------------------------------------------------- child side
