@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -221,3 +222,12 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir, small_data, tmp_path):
         train(load_settings(None, SHORT), str(tiny_model_dir), {"train": small_data["train"]}, tmp_path / "b")
     with pytest.raises(TrainingError, match="lora.num_layers=9"):
         train(load_settings(None, [*SHORT, "lora.num_layers=9"]), str(tiny_model_dir), small_data, tmp_path / "c")
+
+
+def test_one_trainer_per_run_directory(tiny_model_dir, small_data, tmp_path):
+    from finetune.training import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(TrainingError, match=f"another training process \\(pid {os.getpid()}\\)"):
+            train(load_settings(None, SHORT), str(tiny_model_dir), small_data, tmp_path)
+    assert train(load_settings(None, SHORT), str(tiny_model_dir), small_data, tmp_path).steps == 4

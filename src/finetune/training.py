@@ -17,6 +17,7 @@ Differences from ``mlx_lm.tuner.trainer`` and why:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,10 +25,11 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "train.lock"
 # Fields that change how a run is operated, not what it computes: editing them keeps checkpoints resumable.
 OPERATIONAL_FIELDS = frozenset(
     {"steps_per_report", "steps_per_checkpoint", "keep_checkpoints", "retries", "retry_delay_seconds", "use_openblas",
@@ -617,4 +620,21 @@ def train(
     fresh: bool = False,
 ) -> TrainResult:
     """Train (or resume) a LoRA adapter in this process; the adapter lands in ``run_dir/adapter``."""
-    return Trainer(settings, model_path, data, Path(run_dir), on_progress).run(fresh=fresh)
+    with run_lock(Path(run_dir)):
+        return Trainer(settings, model_path, data, Path(run_dir), on_progress).run(fresh=fresh)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One trainer per run directory; the kernel drops the lock when its holder dies, even by SIGKILL."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise TrainingError(f"{run_dir}: another training process ({f.read().strip() or 'unknown'}) is using it") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
