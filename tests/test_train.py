@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 import shutil
 from pathlib import Path
 
@@ -229,5 +231,19 @@ def test_one_trainer_per_run_directory(tiny_model_dir, small_data, tmp_path):
 
     with run_lock(tmp_path):
         with pytest.raises(TrainingError, match=f"another training process \\(pid {os.getpid()}\\)"):
-            train(load_settings(None, SHORT), str(tiny_model_dir), small_data, tmp_path)
+            with run_lock(tmp_path, wait_seconds=0.3):
+                pass
+
+    # A holder that goes away within the grace period (an orphan noticing its parent died) is waited for.
+    held = threading.Event()
+
+    def hold_briefly() -> None:
+        with run_lock(tmp_path):
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    held.wait()
     assert train(load_settings(None, SHORT), str(tiny_model_dir), small_data, tmp_path).steps == 4
+    holder.join()

@@ -625,15 +625,24 @@ def train(
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One trainer per run directory; the kernel drops the lock when its holder dies, even by SIGKILL."""
+def run_lock(run_dir: Path, wait_seconds: float = 10.0) -> Iterator[None]:
+    """One trainer per run directory; the kernel drops the lock when its holder dies, even by SIGKILL.
+
+    It waits a little first: an orphaned child of a killed worker needs up to a second to notice and exit.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_seconds
     with open(run_dir / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise TrainingError(f"{run_dir}: another training process ({f.read().strip() or 'unknown'}) is using it") from None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise TrainingError(f"{run_dir}: another training process ({holder}) is using it") from None
+                time.sleep(0.2)
         f.truncate(0)
         f.write(f"pid {os.getpid()}")
         f.flush()
