@@ -15,11 +15,11 @@ from uuid import uuid4
 from prefect import State, flow, get_run_logger
 
 from finetune.config import (
+    SECTIONS,
     DatasetConfig,
     EvaluationConfig,
     LoraConfig,
     ModelConfig,
-    SECTIONS,
     Settings,
     StorageConfig,
     TemplateConfig,
@@ -31,7 +31,12 @@ from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
 from tasks.prepare import check_storage, resolve_model
-from tasks.publish import champion_bundle, find_published_run, promote_candidate, publish_bundle
+from tasks.publish import (
+    champion_bundle,
+    find_published_run,
+    promote_candidate,
+    publish_bundle,
+)
 from tasks.schedule import check_unchanged, log_late_start, nothing_changed
 from tasks.train import train_adapter_task
 

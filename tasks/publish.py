@@ -14,7 +14,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.publishing import fetch_bundle, promote_if_better, publish_run, read_champion, read_manifest, run_prefix
+from finetune.publishing import (
+    fetch_bundle,
+    promote_if_better,
+    publish_run,
+    read_champion,
+    read_manifest,
+    run_prefix,
+)
 from finetune.storage import open_store
 
 

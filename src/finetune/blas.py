@@ -19,9 +19,13 @@ OPENBLAS_CANDIDATES = (
 DISABLE_ENV = "FINETUNE_OPENBLAS"  # set to "off" to run with the wheel's BLAS
 
 
+def openblas_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "auto") == "off"
+
+
 def openblas_library() -> str | None:
     """Path of Debian's OpenBLAS when it is present and wanted on this machine."""
-    if platform.system() != "Linux" or os.environ.get(DISABLE_ENV, "auto") == "off":
+    if platform.system() != "Linux" or openblas_disabled():
         return None
     return next((p for p in OPENBLAS_CANDIDATES if Path(p).exists()), None)
 

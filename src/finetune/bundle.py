@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +10,7 @@ ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "finetune_config.json"
 METRICS_FILE = "metrics.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from finetune.fsutil import sha256_file, write_json_atomic
 
 
 def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
@@ -31,20 +20,6 @@ def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
         for p in sorted(directory.iterdir())
         if p.is_file()
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_bundle(
@@ -65,8 +40,8 @@ def build_bundle(
             raise FileNotFoundError(f"adapter {adapter_dir}: missing {name}")
         shutil.copy2(source, out_dir / name)
     (out_dir / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
-    write_json(out_dir / CONFIG_FILE, config)
-    write_json(out_dir / METRICS_FILE, metrics)
+    write_json_atomic(out_dir / CONFIG_FILE, config)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     for path in extra_files:
         shutil.copy2(path, out_dir / path.name)
     return out_dir

@@ -11,7 +11,6 @@ temporary directory that the next start deletes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ _NAME = re.compile(r"^step-(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
 # Fault injection for crash tests: "NAME:STEP" SIGKILLs this process at that point of that step's write.
 FAILPOINT_ENV = "FINETUNE_FAILPOINT"
+from finetune.fsutil import fsync_dir, sha256_file
 
 
 class CheckpointError(RuntimeError):
@@ -51,22 +51,6 @@ class Checkpoint:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune import checkpoints, training
-from finetune.blas import is_preloaded, preload_env
+from finetune.blas import DISABLE_ENV, is_preloaded, openblas_disabled, preload_env
 from finetune.config import Settings
 from finetune.data import DataError, load_tokenized
 
@@ -148,6 +148,8 @@ def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) 
         return f"training with OpenBLAS preloaded by the environment (LD_PRELOAD={env['LD_PRELOAD']})"
     if settings.training.use_openblas == "off":
         return "training with MLX's bundled BLAS (training.use_openblas=off)"
+    if openblas_disabled():
+        return f"training with MLX's bundled BLAS ({DISABLE_ENV}=off)"
     return "training with MLX's bundled BLAS (Debian OpenBLAS not found)"
 
 

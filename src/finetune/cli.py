@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
 
-from finetune.config import ConfigError, Settings, load_settings
+from finetune.config import Settings, load_settings
 
 app = typer.Typer(
     help="Scheduled, orchestrated LoRA fine-tuning of open LLMs with MLX.",

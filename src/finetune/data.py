@@ -36,7 +36,14 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from finetune.config import DatasetConfig, StorageConfig, TemplateConfig
-from finetune.templating import Encoded, TemplateError, chat_template_of, encode_row, template_fingerprint
+from finetune.fsutil import atomic_path, fsync_dir, write_bytes_atomic
+from finetune.templating import (
+    Encoded,
+    TemplateError,
+    chat_template_of,
+    encode_row,
+    template_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -957,16 +964,8 @@ def _publish_dir(tmp: Path, target: Path) -> Path:
     except OSError:
         if not (target / "splits.json").is_file():
             raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- tokenized data
@@ -1116,7 +1115,7 @@ def save_tokenized(path: Path | str, data: TokenizedData) -> Path:
         "chat_template": data.chat_template,
         "stats": json.dumps(data.stats, sort_keys=True),
     }
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
@@ -1158,24 +1157,3 @@ def load_tokenized(path: Path | str) -> dict[str, list[Encoded]]:
     return read_tokenized(path).encoded()
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(payload)
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; when the block succeeds it is fsynced and renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.data import SPLITS, Splits, TokenizedData, write_bytes_atomic
+from finetune.data import SPLITS, Splits, TokenizedData
+from finetune.fsutil import write_bytes_atomic
 
 HIST_BINS = 8
 REPORT_MD = "data_report.md"

@@ -1,5 +1,6 @@
 """The errors a user can fix: the CLI shows them as one line and exits non-zero."""
 
+from finetune.child import TrainingChildError
 from finetune.config import ConfigError
 from finetune.data import DataError
 from finetune.evaluation import EvaluationError
@@ -14,5 +15,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     StorageError,
     TemplateError,
     TrainingError,
+    TrainingChildError,
     FileNotFoundError,
 )

@@ -8,7 +8,13 @@ from typing import Any, Callable
 
 from finetune.bundle import CONFIG_FILE
 from finetune.config import Settings, TemplateConfig
-from finetune.data import DataError, Splits, load_splits, save_tokenized, tokenize_splits
+from finetune.data import (
+    DataError,
+    Splits,
+    load_splits,
+    save_tokenized,
+    tokenize_splits,
+)
 from finetune.templating import load_tokenizer
 from finetune.tiny_model import resolve_model_path
 

@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from finetune import batching, checkpoints
 from finetune.batching import Batch
 from finetune.config import Settings
+from finetune.fsutil import fsync_dir
 from finetune.templating import Encoded, chat_template_of, hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -563,14 +564,14 @@ def write_adapter(out_dir: Path, weights: dict[str, mx.array], settings: Setting
         **info,
     }
     checkpoints.write_json(tmp / ADAPTER_CONFIG, config)
-    checkpoints.fsync_dir(tmp)
+    fsync_dir(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
         shutil.rmtree(old)
     os.replace(tmp, out_dir)
-    checkpoints.fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     return out_dir
 
 
