@@ -82,6 +82,20 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def drain_prefect_workers() -> None:
+    """Send this process's queued Prefect logs and events while the server still answers.
+
+    A flow run in the test process leaves them to background workers, which otherwise
+    retry against the stopped server at interpreter exit (80 s here).
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):  # never started
+        APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
 def start_server(home: Path, timeout: float = STARTUP_TIMEOUT) -> PrefectServer:
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -117,6 +131,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     try:
         yield server
     finally:
+        drain_prefect_workers()
         _stop(server.process)
 
 
@@ -127,3 +142,4 @@ def prefect_server_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
         yield prefect_server
+        drain_prefect_workers()

@@ -44,12 +44,13 @@ from prefect.states import Cancelled, Running, Scheduled
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deployments/ lives at the repository root, uninstalled
-from deployments.provision import zombie_automation  # noqa: E402
+from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
 from finetune.blas import openblas_library  # noqa: E402
 from finetune.config import StorageConfig, load_settings  # noqa: E402
 from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
 from finetune.storage import open_store  # noqa: E402
-from prefect_server import PrefectServer  # noqa: E402
+from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
+from tasks.schedule import TRAINING_SLOT_ENV, training_slot  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +138,16 @@ def alive(pid: int) -> bool:
     return bool(out) and not out.startswith("Z")
 
 
+def run_logs(run_id: UUID) -> list[str]:
+    with client() as c:
+        return [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+
+
+def logged(run_id: UUID, predicate: Callable[[str], bool], what: str) -> str:
+    """The first log line of the run that matches; logs and task runs reach the API in batches, after the state."""
+    return wait_for(lambda: next(filter(predicate, run_logs(run_id)), None), 30, what)
+
+
 def seconds(start: datetime | None, end: datetime | None) -> float:
     return (end - start).total_seconds() if start and end else float("nan")
 
@@ -157,6 +168,7 @@ def api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
     """This module's Prefect client calls go to the session's real server (module fixtures included)."""
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
         yield prefect_server
+        drain_prefect_workers()
 
 
 @pytest.fixture(scope="module")
@@ -327,10 +339,9 @@ def test_deployment_run_publishes_a_verified_bundle(first_run, api, s3_endpoint,
         artifacts = c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["id"]]))
         )
-        logs = [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run["id"]])))]
     # The training child's progress reaches the run's log (what the UI shows), not just the worker's stdout.
-    assert any(line.startswith("training 10 steps") for line in logs), logs
-    assert any(line.startswith("step 10: validation loss") for line in logs), logs
+    logged(first_run["id"], lambda line: line.startswith("training 10 steps"), "the training start in the run's log")
+    logged(first_run["id"], lambda line: line.startswith("step 10: validation loss"), "validation progress in the log")
     by_key = {a.key: a for a in artifacts}
     assert by_key["evaluation-metrics"].type == "table"
     assert by_key["training-progress"].type == "progress" and float(by_key["training-progress"].data) == 100.0
@@ -365,12 +376,16 @@ def test_late_retrain_on_unchanged_data_is_skipped(first_run, deployed, api, s3_
     TIMINGS["skipped retrain: flow run"] = seconds(done.start_time, done.end_time)
     assert done.state.type == StateType.COMPLETED and done.state.name == "Skipped", done.state
     assert "nothing changed since run e2e-first" in done.state.message
-    with client() as c:
-        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        logs = [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
-    task_names = {t.name.rsplit("-", 1)[0] for t in task_runs}
-    assert "check-unchanged" in task_names and "train-adapter" not in task_names, task_names
-    assert any("after its scheduled time" in line and "3h" in line for line in logs), logs
+    late = logged(run.id, lambda line: "after its scheduled time" in line, "the late-start warning")
+    assert late.startswith("started 3h after its scheduled time"), late
+
+    def task_names() -> set[str]:
+        with client() as c:
+            task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        return {t.name.rsplit("-", 1)[0] for t in task_runs}
+
+    names = wait_for(lambda: "check-unchanged" in (names := task_names()) and names, 30, "the run's task runs")
+    assert "fetch-dataset" in names and "train-adapter" not in names, names
     assert read_manifest(open_store(StorageConfig(**storage(s3_endpoint))), "e2e-nightly") is None
 
 
@@ -427,3 +442,25 @@ def test_zombie_automation_crashes_a_run_whose_heartbeats_stop(api) -> None:
         with client() as c:
             c.delete_automation(automation_id)
             c.set_flow_run_state(beating.id, Cancelled(), force=True)
+
+
+def test_training_slot_holds_this_machines_limit(deployed, api, monkeypatch) -> None:
+    """The slot provision created for this machine is held while training; a missing one is an error, not a no-op."""
+    slot = training_slot_name()
+    held: list[int] = []
+
+    def active() -> int:
+        with client() as c:
+            return c.read_global_concurrency_limit_by_name(slot).active_slots
+
+    @flow(name="slot-probe")
+    def probe() -> None:
+        with training_slot():
+            held.append(active())
+
+    monkeypatch.setenv(TRAINING_SLOT_ENV, slot)
+    probe()
+    assert held == [1] and active() == 0
+    monkeypatch.setenv(TRAINING_SLOT_ENV, "no-such-slot")
+    with pytest.raises(Exception, match="no-such-slot"):
+        probe()
