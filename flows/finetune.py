@@ -7,12 +7,11 @@ form. Secrets are not parameters: workers read them from their environment
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 from prefect import State, flow, get_run_logger
+from prefect.runtime import flow_run
 
 from finetune.config import (
     SECTIONS,
@@ -27,6 +26,7 @@ from finetune.config import (
     load_settings,
 )
 from finetune.data import Splits, load_tokenized
+from finetune.retrain import base_model_ref
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
@@ -37,12 +37,18 @@ from tasks.publish import (
     promote_candidate,
     publish_bundle,
 )
-from tasks.schedule import check_unchanged, log_late_start, nothing_changed
+from tasks.schedule import (
+    check_unchanged,
+    log_late_start,
+    nothing_changed,
+    training_slot,
+)
 from tasks.train import train_adapter_task
 
 
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid4().hex[:6]
+def default_run_id() -> str:
+    """Derived from this flow run, so retrying it (Retry in the UI, flow retries) resumes the same run."""
+    return f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -65,7 +71,7 @@ def finetune_pipeline(
     last published run's, unless ``force``.
     """
     settings = settings_from_parameters(locals())
-    run_id = run_id or new_run_id()
+    run_id = run_id or default_run_id()
     run_dir = str(Path(work_dir) / "runs" / run_id)
     get_run_logger().info("run %s in %s", run_id, run_dir)
     log_late_start()
@@ -81,7 +87,8 @@ def finetune_pipeline(
     tokens = template_dataset(fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir)
     report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
 
-    trained = train_adapter_task(settings)(settings, model_path, tokens["path"], run_dir, fresh=fresh)
+    with training_slot():
+        trained = train_adapter_task(settings)(settings, model_path, tokens["path"], run_dir, fresh=fresh)
 
     champion = champion_bundle(settings.storage, work_dir)
     report = evaluate_adapter(
@@ -170,7 +177,7 @@ def manifest_fields(settings: Settings, data_version: str, tokens_version: str, 
 
     candidate = report["metrics"]["candidate"]
     return {
-        "base_model": {"path": settings.model.path, "revision": settings.model.revision},
+        "base_model": base_model_ref(settings.model),
         "dataset_version": data_version,
         "tokenized_version": tokens_version,
         "config": settings.public_dict(),

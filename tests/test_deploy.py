@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import plistlib
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import yaml
 from s3faults import make_bundle
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deployments/ lives at the repository root, uninstalled
 from deployments.project import HEARTBEAT_ENV, PREFECT_YAML, REPO, load_project
 from deployments.provision import MISSED_HEARTBEATS, render_plist, training_slot_name, zombie_automation
 from finetune.config import ModelConfig, Settings

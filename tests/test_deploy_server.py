@@ -43,7 +43,6 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled, Running, Scheduled
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deployments/ lives at the repository root, uninstalled
 from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
 from finetune.blas import openblas_library  # noqa: E402
 from finetune.config import StorageConfig, load_settings  # noqa: E402
