@@ -16,6 +16,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 training and 4 validation rows of the demo data, tokenized for the tiny model."""
+    from mlx_lm import load
+
+    from finetune.config import load_settings
+    from finetune.data import load_splits
+    from finetune.templating import encode_chat
+
+    settings = load_settings()
+    _, tokenizer = load(str(tiny_model_dir))
+    splits = load_splits(settings.dataset)
+    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
+            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
+    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+
+
 def write_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:
     """Pack encoded rows into the tokenized-data file the training child reads."""
     splits = {name: TokenizedSplit.from_encoded(rows) for name, rows in {"train": [], "valid": [], "test": [], **data}.items()}

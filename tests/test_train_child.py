@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from finetune import blas
-from conftest import write_tokenized
 from finetune.child import TrainingChildError, run_training_child
 from finetune.config import load_settings
 from finetune.training import TrainingError
@@ -25,18 +24,8 @@ LONG = ["training.iters=100000", "training.batch_size=4", "training.steps_per_re
 
 
 @pytest.fixture(scope="module")
-def data_path(tiny_model_dir, tmp_path_factory) -> Path:
-    from mlx_lm import load
-
-    from finetune.data import load_splits
-    from finetune.templating import encode_chat
-
-    settings = load_settings()
-    _, tokenizer = load(str(tiny_model_dir))
-    splits = load_splits(settings.dataset)
-    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
-            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
-    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+def data_path(small_tokenized) -> Path:
+    return small_tokenized
 
 
 def child_pids(run_dir: Path) -> list[int]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.training import TrainingError
 
@@ -22,18 +21,8 @@ OVERRIDES = ["training.iters=12", "training.batch_size=4", "training.steps_per_c
 
 
 @pytest.fixture(scope="module")
-def data_path(tiny_model_dir, tmp_path_factory) -> Path:
-    from mlx_lm import load
-
-    from finetune.data import load_splits
-    from finetune.templating import encode_chat
-
-    settings = load_settings()
-    _, tokenizer = load(str(tiny_model_dir))
-    splits = load_splits(settings.dataset)
-    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
-            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
-    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+def data_path(small_tokenized) -> Path:
+    return small_tokenized
 
 
 def run_flow(settings, model: Path, data: Path, run_dir: Path):
