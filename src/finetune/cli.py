@@ -133,8 +133,10 @@ def generate(
     from finetune.stages import generate_text
 
     settings = settings_from(config, overrides)
-    generate_text(settings, prompt, adapter, model, max_tokens, on_text=lambda piece: print(piece, end="", flush=True))
+    answer = generate_text(settings, prompt, adapter, model, max_tokens, on_text=lambda piece: print(piece, end="", flush=True))
     print()
+    if not answer:
+        console.print("(no text: the model ended its turn at once; the tiny demo model often does)", highlight=False)
 
 
 @app.command("tiny-model")
