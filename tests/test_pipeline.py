@@ -112,3 +112,15 @@ def test_rerun_of_a_published_run_does_nothing(published, s3):
     assert code == 0, output
     assert "already published" in output
     assert s3.head_object(Bucket=BUCKET, Key="ft/runs/e2e-run/manifest.json")["ETag"] == before
+
+
+def test_generate_without_adapter_matches_mlx_lm_on_nonempty_text(published, capsys):
+    """The same greedy text as mlx-lm where there is text to compare: the random-init base rambles."""
+    work, _ = published
+    model_dir = ensure_tiny_model(work / ".finetune" / "models")
+    code, output = invoke("generate", "--model", str(model_dir), "--max-tokens", "12", PROMPT)
+    assert code == 0, output
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    expected = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12)
+    assert expected and output.rstrip("\n") == expected
