@@ -124,3 +124,25 @@ def test_generate_without_adapter_matches_mlx_lm_on_nonempty_text(published, cap
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     expected = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12)
     assert expected and output.rstrip("\n") == expected
+
+
+def champion_run(s3) -> str:
+    return json.loads(s3.get_object(Bucket=BUCKET, Key="ft/champion.json")["Body"].read())["run_id"]
+
+
+def test_worse_candidate_is_published_not_promoted_better_one_is(published, s3):
+    work, _ = published
+    config = str(work / "config.yaml")
+    assert champion_run(s3) == "e2e-run"
+
+    code, output = invoke("run", "-c", config, "--run-id", "worse", "--force", "--set", "training.iters=4")
+    assert code == 0, output
+    assert s3.head_object(Bucket=BUCKET, Key="ft/runs/worse/manifest.json")  # published as a record
+    assert champion_run(s3) == "e2e-run" and "not promoted" in output
+
+    code, output = invoke("run", "-c", config, "--run-id", "better", "--force", "--set", "training.iters=240")
+    assert code == 0, output
+    assert champion_run(s3) == "better", output
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="ft/runs/better/manifest.json")["Body"].read())
+    # The champion was re-measured on the same inputs as the candidate and lost on them.
+    assert manifest["metrics"]["candidate"]["val_loss"] < manifest["metrics"]["champion"]["val_loss"]
