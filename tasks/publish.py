@@ -83,7 +83,6 @@ def promote_candidate(
         metric=metric,
         higher_is_better=report["higher_is_better"],
         margin=margin,
-        reason=decision["reason"],
         fresh_scores=_champion_scores(report, champion_run_id),
     )
     logger.info("%s: %s", "promoted" if result.promoted else "not promoted", result.reason)

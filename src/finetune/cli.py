@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -179,7 +181,18 @@ def print_summary(result: dict) -> None:
         verdict = "unchanged"
     out.print(f"champion: {verdict} ({result['promotion_reason']})", highlight=False)
     out.print("try it:", highlight=False)
-    out.print(f"  finetune generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
+    out.print(f"  {command_name()} generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
+
+
+def command_name() -> str:
+    """How the user can call finetune again: plain `finetune` when it is on PATH, else the venv's script."""
+    script = Path(sys.argv[0])
+    if shutil.which("finetune") == str(script.resolve()) or script.name != "finetune":
+        return "finetune"
+    try:
+        return str(script.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _register_subcommands() -> None:
