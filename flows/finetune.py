@@ -25,7 +25,6 @@ from finetune.config import (
     TrainingConfig,
     load_settings,
 )
-from finetune.data import Splits, load_tokenized
 from finetune.retrain import base_model_ref
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
@@ -94,8 +93,8 @@ def finetune_pipeline(
     report = evaluate_adapter(
         model_path,
         trained["adapter_dir"],
-        load_tokenized(tokens["path"]),
-        splits_rows(fetched["directory"]),
+        tokens["path"],
+        fetched["directory"],
         settings,
         run_id,
         champion_dir=champion["path"] if champion else None,
@@ -150,11 +149,6 @@ def settings_from_parameters(parameters: dict[str, Any]) -> Settings:
         if hasattr(value, "model_dump")
     }
     return load_settings(overrides={"work_dir": parameters["work_dir"], **sections})
-
-
-def splits_rows(directory: str) -> dict[str, list[dict[str, Any]]]:
-    splits = Splits.open(directory)
-    return {name: list(splits.rows(name)) for name in ("valid", "test")}
 
 
 def summary_of(trained: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import Settings
+from finetune.data import Splits, read_tokenized
 from finetune.evaluation import EvalReport, evaluate_candidate
 from finetune.report import (
     MODEL_CARD_FILE,
@@ -24,8 +25,8 @@ from finetune.report import (
     write_loss_plot,
     write_model_card,
 )
-from finetune.templating import Encoded
 
+EVAL_SPLITS = ("valid", "test")
 # Stable keys: the Artifacts page then shows each key's history across runs.
 METRICS_KEY = "evaluation-metrics"
 SAMPLES_KEY = "evaluation-samples"
@@ -51,14 +52,18 @@ def publish_eval_artifacts(report: EvalReport, run_id: str, samples: int = 5) ->
 def evaluate_adapter(
     model_path: str,
     adapter_dir: str,
-    data: Mapping[str, Sequence[Encoded]],
-    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    tokenized_path: str,
+    dataset_dir: str,
     settings: Settings,
     run_id: str,
     champion_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate base, champion and candidate; log and publish the decision. Returns ``EvalReport.to_dict()``."""
     logger = get_run_logger()
+    # Only the splits evaluation reads: the training split stays on disk.
+    tokenized, splits = read_tokenized(tokenized_path), Splits.open(dataset_dir)
+    data = {name: tokenized.splits[name].encoded() for name in EVAL_SPLITS}
+    rows = {name: splits.rows(name) for name in EVAL_SPLITS}
     report = evaluate_candidate(
         model_path, Path(adapter_dir), data, rows, settings, champion_dir=champion_dir, progress=logger.info
     )

@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 import mlx_lm
 import numpy as np
 import pytest
+from conftest import write_tokenized
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -263,14 +264,22 @@ def test_evaluate_stage_publishes_artifacts(prefect_api, tiny_model_dir, good_ad
     from prefect.artifacts import Artifact
     from prefect.context import get_run_context
 
-    from tasks.evaluate import BUNDLE_KEY, METRICS_KEY, SAMPLES_KEY, evaluate_adapter, link_bundle, write_reports
+    from tasks.evaluate import (
+        BUNDLE_KEY,
+        METRICS_KEY,
+        SAMPLES_KEY,
+        evaluate_adapter,
+        link_bundle,
+        write_reports,
+    )
 
     history = [{"step": 5, "train_loss": 6.0}, {"step": 10, "train_loss": 5.5, "val_loss": 5.6}]
+    tokenized = write_tokenized(tmp_path / "tokens.safetensors", encoded)
 
     @flow
     def evaluate_stage() -> tuple[dict, list[str], str]:
         report = evaluate_adapter(
-            str(tiny_model_dir), str(good_adapter), _data(encoded), {"test": splits.test}, settings,
+            str(tiny_model_dir), str(good_adapter), str(tokenized), str(splits.directory), settings,
             run_id="run-7", champion_dir=str(bad_adapter),
         )
         paths = write_reports(

@@ -8,7 +8,6 @@ import os
 import threading
 import time
 import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -97,7 +97,7 @@ def format_comparison_table(report: EvalReport) -> Table:
 def samples_markdown(report: EvalReport, limit: int = 5) -> str:
     """Markdown: the gate decision, then a few questions with each variant's answer and the reference."""
     verdict = "**promoted**" if report.decision.promote else "**not promoted**"
-    lines = [f"# Evaluation", "", f"Decision: {verdict}: {report.decision.reason}", ""]
+    lines = ["# Evaluation", "", f"Decision: {verdict}: {report.decision.reason}", ""]
     lines.append(f"Primary metric: `{report.primary_metric}` ({'higher' if report.higher_is_better else 'lower'} is better)")
     lines.append("")
     for i, (question, reference) in enumerate(list(zip(report.questions, report.references))[:limit], 1):
