@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from s3faults import FaultPlan, FaultProxy, make_bundle, no_backoff, on, raw_client
+from s3faults import FaultPlan, FaultProxy, make_bundle, moto_server, no_backoff, on, raw_client  # noqa: F401 (a fixture)
 
 from finetune.config import StorageConfig
 from finetune.publishing import (

@@ -44,12 +44,12 @@ def run_flow(settings, model: Path, data: Path, run_dir: Path):
     return state, task_run
 
 
-def test_killed_child_is_retried_and_resumes(prefect_api, tiny_model_dir, data_path, tmp_path):
-    run_dir = tmp_path / "runs" / "retry-run"
-    killed = []
+def kill_child_after_checkpoint(run_dir: Path, timeout: float) -> tuple[threading.Thread, list[int]]:
+    """SIGKILL the run's training child once its step-4 checkpoint exists; returns the thread and the pids killed."""
+    killed: list[int] = []
 
-    def kill_once_checkpointed() -> None:
-        deadline = time.monotonic() + 120
+    def kill() -> None:
+        deadline = time.monotonic() + timeout
         while not (run_dir / "checkpoints" / "step-0000004").is_dir():
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -58,8 +58,14 @@ def test_killed_child_is_retried_and_resumes(prefect_api, tiny_model_dir, data_p
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    killer = threading.Thread(target=kill_once_checkpointed)
-    killer.start()
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def test_killed_child_is_retried_and_resumes(prefect_api, tiny_model_dir, data_path, tmp_path):
+    run_dir = tmp_path / "runs" / "retry-run"
+    killer, killed = kill_child_after_checkpoint(run_dir, timeout=120)
     state, task_run = run_flow(load_settings(None, OVERRIDES), tiny_model_dir, data_path, run_dir)
     killer.join()
     assert killed
@@ -88,20 +94,7 @@ def test_pipeline_survives_a_killed_training_child(prefect_api, tmp_path):
 
     work = tmp_path / "work"
     run_dir = work / "runs" / "killed-run"
-    killed = []
-
-    def kill_once_checkpointed() -> None:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "step-0000004").is_dir():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        out = subprocess.run(["pgrep", "-f", str(run_dir / "train-request.json")], capture_output=True, text=True)
-        for pid in map(int, out.stdout.split()):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    killer = threading.Thread(target=kill_once_checkpointed, daemon=True)
-    killer.start()
+    killer, killed = kill_child_after_checkpoint(run_dir, timeout=300)
     storage = StorageConfig(uri=str(tmp_path / "store"))
     finetune_pipeline(
         training=TrainingConfig(iters=12, batch_size=4, steps_per_checkpoint=4, steps_per_eval=6, retries=1,
