@@ -53,8 +53,8 @@ CHILD = {
     """,
     "tokenize": """
         from finetune.config import DatasetConfig, TemplateConfig
-        from finetune.data import load_splits, tokenize_splits, save_tokenized
-        from finetune.templating import load_tokenizer
+        from finetune.data import load_splits, save_tokenized, tokenize_splits
+        from finetune.data.templating import load_tokenizer
         splits = load_splits(DatasetConfig(source=SOURCE), work_dir=WORK)
         tokenizer = load_tokenizer(MODEL)
         start = time.perf_counter()
@@ -71,7 +71,7 @@ def measure(kind: str, source: Path, work: Path, model: str | None = None) -> di
 import json, resource, time
 SOURCE, WORK, MODEL = {str(source)!r}, {str(work)!r}, {model!r}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-import finetune.data, finetune.templating  # imports are not the dataset's memory
+import finetune.data, finetune.data.templating  # imports are not the dataset's memory
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if True:

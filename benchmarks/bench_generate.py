@@ -17,8 +17,8 @@ from pathlib import Path
 
 from finetune.config import DatasetConfig, TemplateConfig
 from finetune.data import load_splits
-from finetune.evaluation import generate_answers, generate_one, load_for_eval, split_prompt_reference
-from finetune.tiny_model import ensure_tiny_model
+from finetune.evaluation.generate import generate_answers, generate_one, load_for_eval, split_prompt_reference
+from finetune.model.tiny import ensure_tiny_model
 
 
 def demo_conversations(n: int) -> list[list[dict]]:

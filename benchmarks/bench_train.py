@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from finetune.blas import preload_env, reexec_with_openblas
-from finetune.child import run_training_child
+from finetune.train.blas import preload_env, reexec_with_openblas
+from finetune.train.child import run_training_child
 from finetune.config import load_settings
-from finetune.data import Splits, TokenizedData, load_splits, save_tokenized, tokenize_splits
-from finetune.evaluation import evaluate_loss, load_for_eval
-from finetune.tiny_model import ensure_tiny_model
-from finetune.training import METRICS_FILE
+from finetune.data import load_splits, save_tokenized, Splits, tokenize_splits, TokenizedData
+from finetune.evaluation.evaluate import evaluate_loss
+from finetune.evaluation.generate import load_for_eval
+from finetune.model.tiny import ensure_tiny_model
+from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
 
 BATCH, RANK, SCALE, LR, MAX_LEN = 8, 8, 20.0, 2e-3, 512
 

@@ -28,7 +28,7 @@ from moto.server import ThreadedMotoServer
 
 from finetune.config import StorageConfig
 from finetune.publishing import publish_run
-from finetune.storage import open_store, s3_client
+from finetune.store import open_store, s3_client
 
 MiB = 1 << 20
 

@@ -14,18 +14,18 @@ from prefect import State, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from finetune.config import (
-    SECTIONS,
     DatasetConfig,
     EvaluationConfig,
+    load_settings,
     LoraConfig,
     ModelConfig,
+    SECTIONS,
     Settings,
     StorageConfig,
     TemplateConfig,
     TrainingConfig,
-    load_settings,
 )
-from finetune.retrain import base_model_ref
+from finetune.publishing.retrain import base_model_ref
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
@@ -78,7 +78,7 @@ def finetune_pipeline(
     store_uri = check_storage(settings.storage)
     if done := find_published_run(settings.storage, run_id):
         return {**summary_of_manifest(done), "run_dir": run_dir, "store": store_uri}
-    model_path = resolve_model(settings.model.path, work_dir)
+    model_path = resolve_model(settings.model.path, settings.model.revision, work_dir)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
     if not force and (previous := check_unchanged(settings, fetched["version"])):

@@ -24,15 +24,15 @@ from prefect.states import State
 from finetune.config import DatasetConfig, StorageConfig, TemplateConfig
 from finetune.data import (
     FetchError,
-    Splits,
     load_splits,
     read_tokenized,
     save_tokenized,
+    Splits,
     tokenize_splits,
     tokenized_version,
 )
-from finetune.data_report import build_report, report_markdown, write_report
-from finetune.templating import load_tokenizer, template_fingerprint
+from finetune.data.report import build_report, report_markdown, write_report
+from finetune.data.templating import load_tokenizer, template_fingerprint
 
 REPORT_KEY = "data-report"
 TOKENIZED_FILE = "tokens.safetensors"
@@ -42,7 +42,7 @@ CACHE_DAYS = 30
 
 def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry network and storage hiccups; a bad row or a missing file fails the same way again."""
-    from finetune.storage import NotFoundError, StorageError, UnsafeKeyError
+    from finetune.store import NotFoundError, StorageError, UnsafeKeyError
 
     try:
         state.result()

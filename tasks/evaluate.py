@@ -15,16 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import Settings
-from finetune.data import Splits, read_tokenized
-from finetune.evaluation import EvalReport, evaluate_candidate
-from finetune.report import (
-    MODEL_CARD_FILE,
-    PLOT_FILE,
-    comparison_rows,
-    samples_markdown,
-    write_loss_plot,
-    write_model_card,
-)
+from finetune.data import read_tokenized, Splits
+from finetune.evaluation.evaluate import EvalReport, evaluate_candidate
+from finetune.evaluation.report import comparison_rows, samples_markdown, write_loss_plot, write_model_card
+from finetune.layout import MODEL_CARD_FILE, PLOT_FILE
 
 EVAL_SPLITS = ("valid", "test")
 # Stable keys: the Artifacts page then shows each key's history across runs.

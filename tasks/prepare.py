@@ -9,8 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.storage import check_reachable, open_store
-from finetune.tiny_model import resolve_model_path
+from finetune.store import check_reachable, open_store
+from finetune.model.resolve import resolve_model as resolve_model_ref
 
 
 @task(name="check-storage", cache_policy=NO_CACHE, result_serializer="json")
@@ -23,8 +23,8 @@ def check_storage(storage: StorageConfig) -> str:
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, result_serializer="json")
-def resolve_model(model: str, work_dir: str) -> str:
+def resolve_model(model: str, revision: str | None, work_dir: str) -> str:
     """A local model directory or a Hugging Face id; builds the tiny demo model on first use."""
-    path = resolve_model_path(model, Path(work_dir))
+    path = str(resolve_model_ref(model, revision, Path(work_dir)))
     get_run_logger().info("base model: %s", path)
     return path

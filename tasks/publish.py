@@ -14,15 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.publishing import (
-    fetch_bundle,
-    promote_if_better,
-    publish_run,
-    read_champion,
-    read_manifest,
-    run_prefix,
-)
-from finetune.storage import open_store
+from finetune.layout import run_key
+from finetune.publishing import fetch_bundle, promote_if_better, publish_run, read_champion, read_manifest
+from finetune.store import open_store
 
 
 @task(name="publish-bundle", cache_policy=NO_CACHE, result_serializer="json")
@@ -45,7 +39,7 @@ def find_published_run(storage: StorageConfig, run_id: str) -> dict[str, Any] | 
     manifest = read_manifest(store, run_id)
     if manifest is None:
         return None
-    uri = store.uri_for(run_prefix(run_id)).rstrip("/")
+    uri = store.uri_for(run_key(run_id)).rstrip("/")
     get_run_logger().info("run %s is already published at %s; nothing to do", run_id, uri)
     return {**manifest, "uri": uri}
 

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from finetune.config import Settings
-from finetune.retrain import (
+from finetune.publishing.retrain import (
     base_model_ref,
     compare_with,
     last_published,
@@ -24,7 +24,7 @@ from finetune.retrain import (
     lateness,
     nothing_changed_message,
 )
-from finetune.storage import open_store
+from finetune.store import open_store
 
 # Prefect itself marks a run Late after 15 s; a minute keeps queue hand-offs out of the log.
 LATE_AFTER = timedelta(minutes=1)

@@ -17,9 +17,9 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from finetune.child import run_training_child
+from finetune.train.child import run_training_child
 from finetune.config import Settings
-from finetune.training import TrainingError
+from finetune.errors import TrainingError
 
 PROGRESS_KEY = "training-progress"
 HISTORY_KEY = "training-history"

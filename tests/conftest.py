@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import TokenizedData, TokenizedSplit, save_tokenized
-from finetune.templating import Encoded
-from finetune.tiny_model import ensure_tiny_model
+from finetune.data import save_tokenized, TokenizedData, TokenizedSplit
+from finetune.data.templating import Encoded
+from finetune.model.tiny import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
     from finetune.config import load_settings
     from finetune.data import load_splits
-    from finetune.templating import encode_chat
+    from finetune.data.templating import encode_chat
 
     settings = load_settings()
     _, tokenizer = load(str(tiny_model_dir))

@@ -318,7 +318,7 @@ def raw_client(endpoint_url: str | None = None, key: str | None = None):
     """A plain boto3 S3 client for test setup and inspection, built like the project's (shared model loader:
     ``boto3.client`` parses the S3 model again each time, ~0.3 s)."""
     from finetune.config import StorageConfig
-    from finetune.storage import s3_client
+    from finetune.store import s3_client
 
     creds = {"access_key_id": key, "secret_access_key": key} if key else {}
     return s3_client(StorageConfig(region="us-east-1", endpoint_url=endpoint_url, addressing_style="path", **creds))

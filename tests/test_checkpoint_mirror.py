@@ -10,13 +10,15 @@ from moto import mock_aws
 from s3faults import raw_client
 
 from conftest import write_tokenized
-from finetune import checkpoints
-from finetune.child import TrainingChildError, run_training_child
-from finetune.config import StorageConfig, load_settings
-from finetune.storage import open_store
+from finetune.layout import checkpoints_key
+from finetune.train import checkpoints, mirror
+from finetune.errors import TrainingChildError
+from finetune.train.child import run_training_child
+from finetune.config import load_settings, StorageConfig
+from finetune.store import open_store
 
 BUCKET = "finetune-ckpt-test"
-PREFIX = checkpoints.remote_prefix("run-1")
+PREFIX = checkpoints_key("run-1")
 
 
 def s3_settings_overrides() -> list[str]:
@@ -41,21 +43,21 @@ def write(root: Path, step: int) -> checkpoints.Checkpoint:
 def test_mirror_prune_and_pull_round_trip(store, tmp_path):
     local = tmp_path / "machine-a"
     for step in (2, 4, 6):
-        checkpoints.mirror(store, PREFIX, write(local, step))
-    assert sorted(checkpoints.remote_steps(store, PREFIX)) == ["step-0000002", "step-0000004", "step-0000006"]
-    checkpoints.prune_remote(store, PREFIX, keep={"step-0000004", "step-0000006"})
-    assert sorted(checkpoints.remote_steps(store, PREFIX)) == ["step-0000004", "step-0000006"]
+        mirror.mirror(store, PREFIX, write(local, step))
+    assert sorted(mirror.remote_steps(store, PREFIX)) == ["step-0000002", "step-0000004", "step-0000006"]
+    mirror.prune_remote(store, PREFIX, keep={"step-0000004", "step-0000006"})
+    assert sorted(mirror.remote_steps(store, PREFIX)) == ["step-0000004", "step-0000006"]
 
-    pulled = checkpoints.pull_latest(store, PREFIX, tmp_path / "machine-b")
+    pulled = mirror.pull_latest(store, PREFIX, tmp_path / "machine-b")
     assert pulled is not None and pulled.step == 6
     assert float(checkpoints.load_arrays(pulled, "adapters")["w"][0, 0]) == 6.0
 
 
 def test_pull_skips_a_corrupt_or_uncommitted_remote_checkpoint(store, tmp_path, caplog):
     local = tmp_path / "machine-a"
-    checkpoints.mirror(store, PREFIX, write(local, 2))
+    mirror.mirror(store, PREFIX, write(local, 2))
     newest = write(local, 4)
-    checkpoints.mirror(store, PREFIX, newest)
+    mirror.mirror(store, PREFIX, newest)
     # Corrupt the remote copy of step 4; and step 6 was cut off before its state file.
     bad = bytearray(newest.file("adapters.safetensors").read_bytes())
     bad[-1] ^= 0x01
@@ -63,7 +65,7 @@ def test_pull_skips_a_corrupt_or_uncommitted_remote_checkpoint(store, tmp_path, 
     store.put_file(f"{PREFIX}/step-0000004/adapters.safetensors", tmp_path / "bad")
     store.put_file(f"{PREFIX}/step-0000006/adapters.safetensors", newest.file("adapters.safetensors"))
 
-    pulled = checkpoints.pull_latest(store, PREFIX, tmp_path / "machine-b")
+    pulled = mirror.pull_latest(store, PREFIX, tmp_path / "machine-b")
     assert pulled is not None and pulled.step == 2
     assert "skipping remote checkpoint" in caplog.text and "sha256 mismatch" in caplog.text
     assert not (tmp_path / "machine-b" / "step-0000004").exists()
@@ -74,7 +76,7 @@ def test_crashed_run_resumes_on_another_machine_from_the_store(tiny_model_dir, t
     from mlx_lm import load
 
     from finetune.data import load_splits
-    from finetune.templating import encode_chat
+    from finetune.data.templating import encode_chat
 
     overrides = ["training.iters=10", "training.batch_size=4", "training.steps_per_checkpoint=2",
                  "training.steps_per_eval=5", "training.keep_checkpoints=2", "lora.rank=4",
@@ -95,13 +97,13 @@ def test_crashed_run_resumes_on_another_machine_from_the_store(tiny_model_dir, t
                 run_training_child(settings, str(tiny_model_dir), data_path, tmp_path / "a" / "run-1", logs_a.append)
         assert any("checkpoint step-0000006 mirrored" in line for line in logs_a)
         store = open_store(settings.storage)
-        assert "step-0000006" in checkpoints.remote_steps(store, PREFIX)
+        assert "step-0000006" in mirror.remote_steps(store, PREFIX)
 
         logs_b: list[str] = []
         result = run_training_child(settings, str(tiny_model_dir), data_path, tmp_path / "b" / "run-1", logs_b.append)
         assert result.resumed_from == 6 and result.steps == 10
         assert any("fetched step 6" in line for line in logs_b)
         # The end of a successful run is mirrored, and the remote copy follows local retention.
-        remote = checkpoints.remote_steps(store, PREFIX)
+        remote = mirror.remote_steps(store, PREFIX)
         assert "step-0000010" in remote
         assert set(remote) == {p.name for p in checkpoints.committed(tmp_path / "b" / "run-1" / "checkpoints")}

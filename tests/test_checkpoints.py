@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from finetune import checkpoints
-from finetune.checkpoints import CheckpointError
+from finetune.train import checkpoints
+from finetune.train.checkpoints import CheckpointError
 
 
 def write(root: Path, step: int, value: float = 1.0) -> checkpoints.Checkpoint:

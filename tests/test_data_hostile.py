@@ -19,7 +19,7 @@ import pytest
 
 from finetune.config import DatasetConfig, TemplateConfig
 from finetune.data import DataError, load_splits, tokenize_splits
-from finetune.templating import load_tokenizer
+from finetune.data.templating import load_tokenizer
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "Capital of Ghana?"}, {"role": "assistant", "content": "Accra."}]})
 
@@ -103,7 +103,7 @@ def test_deeply_nested_json(tmp_path: Path) -> None:
     src = write(tmp_path, "deep.jsonl", good_lines(1) + '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     expect_error(tmp_path, src, r"deep\.jsonl:2: JSON nested too deeply")
     doc = write(tmp_path, "deep.json", "[" + "[" * 100_000 + "]" * 100_000 + "]")
-    expect_error(tmp_path, doc, r"deep\.json:1: JSON nested too deeply")
+    expect_error(tmp_path, doc, r"deep\.json: JSON nested too deeply")
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import DatasetConfig, StorageConfig
-from finetune.data import DataError, FetchError, RowFile, Splits, canonical_line, load_splits
+from finetune.data import canonical_line, DataError, FetchError, load_splits, RowFile, Splits
 
 
 def chat(i: int) -> dict:
@@ -185,13 +185,13 @@ def test_parquet_chat_rows_with_nested_messages(tmp_path: Path) -> None:
     assert next(splits.origins("train")).endswith("chat.parquet: row 1")
 
 
-def test_json_document_forms_and_line_numbers(tmp_path: Path) -> None:
+def test_json_document_forms_and_row_positions(tmp_path: Path) -> None:
     holder = tmp_path / "holder.json"
     holder.write_text(json.dumps({"meta": "x", "rows": [chat(i) for i in range(10)]}), encoding="utf-8")
     assert sum(load(tmp_path, holder).counts().values()) == 10
     bad = tmp_path / "bad.json"
     bad.write_text('[\n  {"text": "ok one"},\n  {"text": "ok two"},\n  {"text": 5}\n]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.json:4: text must be a string, got int"):
+    with pytest.raises(DataError, match=r"bad\.json: \[2\]: text must be a string, got int"):
         load(tmp_path, bad)
     jsonl_named_json = write_jsonl(tmp_path / "lines.json", [chat(i) for i in range(10)])
     assert sum(load(tmp_path, jsonl_named_json).counts().values()) == 10

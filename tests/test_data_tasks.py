@@ -26,7 +26,7 @@ def write_rows(path: Path, n: int, changed: int | None = None) -> Path:
 
 def test_cache_key_is_the_version_and_changes_when_the_file_is_gone(tmp_path: Path, tiny_model_dir: Path) -> None:
     from finetune.data import save_tokenized, tokenize_splits
-    from finetune.templating import load_tokenizer
+    from finetune.data.templating import load_tokenizer
 
     splits = load_splits(DatasetConfig(source=str(write_rows(tmp_path / "d.jsonl", 20))), work_dir=tmp_path)
     params = {

@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from finetune.cli_data import app
+from finetune.cli.data import app
 from finetune.config import DatasetConfig, TemplateConfig
 from finetune.data import (
     DataError,
-    Splits,
     load_splits,
     load_tokenized,
     read_tokenized,
     save_tokenized,
+    Splits,
     tokenize_splits,
     tokenized_metadata,
 )
-from finetune.data_report import REPORT_JSON, REPORT_MD, build_report, report_markdown, write_report
-from finetune.templating import chat_template_of, encode_row, load_tokenizer
+from finetune.data.report import build_report, REPORT_JSON, report_markdown, REPORT_MD, write_report
+from finetune.data.templating import chat_template_of, encode_row, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_tokenized_version_follows_rows_template_and_policy(tmp_path: Path, toke
 
 def test_hand_built_encodings_pack_and_round_trip(tmp_path: Path) -> None:
     from finetune.data import TokenizedData, TokenizedSplit
-    from finetune.templating import Encoded
+    from finetune.data.templating import Encoded
 
     rows = [Encoded([5, 6, 7], [0, 1, 1]), Encoded([8, 9], [0, 1], truncated=True)]
     splits = {"train": TokenizedSplit.from_encoded(rows), "valid": TokenizedSplit.from_encoded(rows[:1])}

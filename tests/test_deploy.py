@@ -16,7 +16,7 @@ from deployments.project import HEARTBEAT_ENV, PREFECT_YAML, REPO, load_project
 from deployments.provision import MISSED_HEARTBEATS, render_plist, training_slot_name, zombie_automation
 from finetune.config import ModelConfig, Settings
 from finetune.publishing import publish_run
-from finetune.retrain import (
+from finetune.publishing.retrain import (
     base_model_ref,
     compare_with,
     format_duration,
@@ -24,7 +24,7 @@ from finetune.retrain import (
     lateness,
     unchanged_since_last_publish,
 )
-from finetune.storage import LocalStore
+from finetune.store import LocalStore
 from tasks.schedule import SKIPPED_STATE, nothing_changed, use_local_clone
 
 SETTINGS = Settings()

@@ -44,10 +44,10 @@ from prefect.states import Cancelled, Running, Scheduled
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
 
 from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
-from finetune.blas import openblas_library  # noqa: E402
-from finetune.config import StorageConfig, load_settings  # noqa: E402
+from finetune.train.blas import openblas_library  # noqa: E402
+from finetune.config import load_settings, StorageConfig  # noqa: E402
 from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
-from finetune.storage import open_store  # noqa: E402
+from finetune.store import open_store  # noqa: E402
 from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
 from tasks.schedule import TRAINING_SLOT_ENV, training_slot  # noqa: E402
 
@@ -127,7 +127,7 @@ def training_processes(request_file: Path) -> list[int]:
     pids = []
     for line in out.splitlines():
         pid, stat, args = line.strip().split(None, 2)
-        if "finetune.child" in args and str(request_file) in args and not stat.startswith("Z"):
+        if "finetune.train.child" in args and str(request_file) in args and not stat.startswith("Z"):
             pids.append(int(pid))
     return pids
 

@@ -9,19 +9,18 @@ import re
 import pytest
 
 from finetune.config import ConfigError, EvaluationConfig, load_settings
-from finetune.evaluation import (
+from finetune.evaluation.gate import decide_promotion, resolve_primary_metric
+from finetune.evaluation.metrics import (
     answer_metrics,
     contains_reference,
-    decide_promotion,
     exact_match,
     json_schema_validator,
     json_valid,
     normalize_answer,
     regex_pass,
-    resolve_primary_metric,
     token_f1,
 )
-from finetune.report import higher_is_better, primary_score
+from finetune.evaluation.metrics import higher_is_better, primary_score
 
 
 @pytest.mark.parametrize(

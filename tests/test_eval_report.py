@@ -10,8 +10,9 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from finetune.evaluation import Decision, EvalReport, VariantEval
-from finetune.report import (
+from finetune.evaluation.evaluate import EvalReport, VariantEval
+from finetune.evaluation.gate import Decision
+from finetune.evaluation.report import (
     comparison_rows,
     format_comparison_table,
     loss_figure,

@@ -18,19 +18,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from finetune.config import Settings, load_settings
+from finetune.config import load_settings, Settings
 from finetune.data import load_splits
-from finetune.evaluation import (
-    EvalReport,
-    EvaluationError,
-    evaluate_candidate,
-    evaluate_loss,
-    generate_answers,
-    generate_one,
-    load_for_eval,
-    split_prompt_reference,
-)
-from finetune.templating import Encoded, encode_chat, encode_prompt
+from finetune.errors import EvaluationError
+from finetune.evaluation.evaluate import EvalReport, evaluate_candidate, evaluate_loss
+from finetune.evaluation.generate import generate_answers, generate_one, load_for_eval, split_prompt_reference
+from finetune.data.templating import encode_chat, encode_prompt, Encoded
 
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 N_LAYERS = 4

@@ -14,7 +14,7 @@ import pytest
 from moto import mock_aws
 
 from finetune.cli import app
-from finetune.tiny_model import ensure_tiny_model
+from finetune.model.tiny import ensure_tiny_model
 
 BUCKET = "finetune-test-bucket"
 PROMPT = "What is the capital of France?"

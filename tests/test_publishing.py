@@ -14,7 +14,6 @@ from finetune.config import StorageConfig
 from finetune.publishing import (
     AlreadyPublished,
     BundleError,
-    PublishError,
     fetch_bundle,
     gc,
     list_runs,
@@ -22,11 +21,12 @@ from finetune.publishing import (
     promote,
     promote_if_better,
     publish_run,
+    PublishError,
     read_champion,
     read_manifest,
     split_ref,
 )
-from finetune.storage import file_digest, open_store
+from finetune.store import file_digest, open_store
 
 BUCKET = "finetune-test"
 FIELDS = {"base_model": {"id": "tiny", "revision": None}, "dataset_version": "abc",

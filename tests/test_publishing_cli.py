@@ -11,10 +11,10 @@ from moto import mock_aws
 from s3faults import make_bundle, raw_client
 from typer.testing import CliRunner
 
-from finetune.cli_store import parse_age, register
+from finetune.cli.store import parse_age, register
 from finetune.config import StorageConfig
 from finetune.publishing import promote_if_better, publish_run, read_champion
-from finetune.storage import open_store
+from finetune.store import open_store
 
 FIELDS = {"evaluation": {"metric": "val_loss", "score": 1.5, "higher_is_better": False}}
 

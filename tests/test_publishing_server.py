@@ -13,8 +13,8 @@ import pytest
 from s3faults import FaultPlan, FaultProxy, make_bundle, moto_server, no_backoff, on, raw_client  # noqa: F401 (a fixture)
 
 from finetune.config import StorageConfig
+from finetune.layout import CHAMPION_KEY
 from finetune.publishing import (
-    CHAMPION_KEY,
     fetch_bundle,
     gc,
     list_runs,
@@ -24,7 +24,7 @@ from finetune.publishing import (
     read_champion,
     read_manifest,
 )
-from finetune.storage import StorageError, VerificationError, check_reachable, open_store
+from finetune.store import check_reachable, open_store, StorageError, VerificationError
 
 MAX_ATTEMPTS = 3
 STEP_ATTEMPTS = 2
@@ -248,7 +248,7 @@ def test_finetune_generate_with_an_s3_adapter(moto_server, bucket, tiny_model_di
 
     from finetune.cli import app
     from finetune.config import load_settings
-    from finetune.stages import generate_text
+    from finetune.pipeline.stages import generate_text
 
     name, _ = bucket
     endpoint = f"http://{moto_server[0]}:{moto_server[1]}"

@@ -10,21 +10,21 @@ from moto import mock_aws
 from s3faults import raw_client
 
 from finetune.config import StorageConfig
-from finetune.storage import (
-    LocalStore,
-    NotFoundError,
-    PreconditionFailed,
-    S3Store,
-    StorageError,
-    UnsafeKeyError,
-    VerificationError,
+from finetune.store import (
     check_reachable,
     download_uri,
     file_digest,
+    LocalStore,
+    NotFoundError,
     open_store,
     parse_uri,
+    PreconditionFailed,
     redact_url,
+    S3Store,
     safe_key,
+    StorageError,
+    UnsafeKeyError,
+    VerificationError,
 )
 
 BUCKET = "finetune-test"

@@ -14,9 +14,9 @@ from moto import mock_aws
 from s3faults import FaultPlan, install_hook, make_bundle, no_backoff, on, raw_client
 
 from finetune.config import StorageConfig
+from finetune.layout import CHAMPION_KEY
 from finetune.publishing import (
     AlreadyPublished,
-    CHAMPION_KEY,
     manifest_key,
     promote,
     promote_if_better,
@@ -24,7 +24,7 @@ from finetune.publishing import (
     read_champion,
     read_manifest,
 )
-from finetune.storage import UploadGaveUp, VerificationError, open_store
+from finetune.store import open_store, UploadGaveUp, VerificationError
 
 BUCKET = "finetune-faults"
 PREFIX = "p"
@@ -197,7 +197,7 @@ def test_competing_pointer_write_between_read_and_write(store, cfg, s3, tmp_path
 
 def test_a_refused_upload_is_not_retried(store, plan, s3, tmp_path, cfg):
     """403 is not transient: neither botocore nor the step retries it, and the error names the cause."""
-    from finetune.storage import StorageError
+    from finetune.store import StorageError
 
     def deny(request, **kwargs):
         from botocore.awsrequest import AWSResponse

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from finetune.config import TemplateConfig
-from finetune.templating import (
-    CHATML_TEMPLATE,
-    Encoded,
-    TemplateError,
+from finetune.data.templating import (
     chat_template_of,
+    CHATML_TEMPLATE,
     encode_chat,
     encode_prompt,
     encode_row,
+    Encoded,
     hf_tokenizer,
     load_tokenizer,
     render,
     template_fingerprint,
+    TemplateError,
     tokenizer_fingerprint,
 )
 
@@ -144,7 +144,7 @@ def test_tools_reach_the_chat_template(tokenizer) -> None:
 def test_tokenizer_without_template_falls_back_to_chatml_with_a_warning(tiny_model_dir: Path, caplog) -> None:
     tokenizer = load_tokenizer(tiny_model_dir)
     hf_tokenizer(tokenizer).chat_template = None
-    with caplog.at_level(logging.WARNING, logger="finetune.templating"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data.templating"):
         assert chat_template_of(tokenizer) == CHATML_TEMPLATE
         enc = encode_chat(tokenizer, MULTI_TURN, TemplateConfig())
     assert "falling back to ChatML" in caplog.text

@@ -15,21 +15,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from finetune import batching
-from finetune.child import run_training_child
+from finetune.train import batching
+from finetune.train.child import run_training_child
 from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.data import load_splits
-from finetune.templating import Encoded, encode_chat
-from finetune.training import (
-    ADAPTER_CONFIG,
-    ADAPTER_FILE,
-    METRICS_FILE,
-    FingerprintMismatch,
-    Trainer,
-    TrainingError,
-    train,
-)
+from finetune.data.templating import encode_chat, Encoded
+from finetune.errors import FingerprintMismatch, TrainingError
+from finetune.layout import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG, ADAPTER_FILE, TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.train.trainer import train, Trainer
 
 SHORT = ["training.iters=4", "training.batch_size=4", "training.steps_per_eval=2", "training.steps_per_checkpoint=2",
          "training.steps_per_report=1", "training.warmup_steps=1", "lora.rank=4"]
@@ -226,7 +220,7 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir, small_data, tmp_path):
 
 
 def test_one_trainer_per_run_directory(tiny_model_dir, small_data, tmp_path):
-    from finetune.training import run_lock
+    from finetune.train.outputs import run_lock
 
     with run_lock(tmp_path):
         with pytest.raises(TrainingError, match=f"another training process \\(pid {os.getpid()}\\)"):

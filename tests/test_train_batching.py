@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune import batching
-from finetune.templating import Encoded
+from finetune.train import batching
+from finetune.data.templating import Encoded
 
 
 def rows_of(lengths: list[int]) -> list[Encoded]:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune import blas
-from finetune.child import TrainingChildError, run_training_child
+from finetune.train import blas
+from finetune.errors import TrainingChildError
+from finetune.train.child import run_training_child
 from finetune.config import load_settings
-from finetune.training import TrainingError
+from finetune.errors import TrainingError
 
 # Long enough that the tests below always interrupt it mid-run.
 LONG = ["training.iters=100000", "training.batch_size=4", "training.steps_per_report=1", "training.steps_per_eval=100000",
@@ -107,7 +108,7 @@ def test_child_exits_when_its_parent_is_killed(tiny_model_dir, data_path, tmp_pa
     """SIGKILL of the worker process that launched training must not leave an orphan training on."""
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from finetune.child import run_training_child
+        from finetune.train.child import run_training_child
         from finetune.config import load_settings
         run_training_child(load_settings(None, {LONG!r}), {str(tiny_model_dir)!r}, Path({str(data_path)!r}),
                            Path({str(tmp_path)!r}), lambda line: print(line, flush=True))

@@ -11,13 +11,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from finetune import checkpoints
-from finetune.child import TrainingChildError, run_training_child
+from finetune.train import checkpoints
+from finetune.errors import TrainingChildError
+from finetune.train.child import run_training_child
 from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.data import load_splits
-from finetune.templating import encode_chat
-from finetune.training import ADAPTER_FILE, METRICS_FILE
+from finetune.data.templating import encode_chat
+from finetune.layout import ADAPTER_FILE, TRAIN_EVENTS_FILE as METRICS_FILE
 
 ITERS = 12
 # Dropout and gradient accumulation make the run depend on the RNG and on the micro-batch cursor.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import load_settings
-from finetune.training import TrainingError
+from finetune.errors import TrainingError
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_pipeline_survives_a_killed_training_child(prefect_api, tmp_path):
     """Issue 4: the child dies mid-run, the train task retries and resumes, the flow publishes one bundle."""
     from finetune.config import EvaluationConfig, StorageConfig, TrainingConfig
     from finetune.publishing import list_runs
-    from finetune.storage import open_store
+    from finetune.store import open_store
     from flows.finetune import finetune_pipeline
 
     work = tmp_path / "work"

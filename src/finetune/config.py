@@ -23,9 +23,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from finetune.errors import ConfigError, EvaluationError
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one line for the user."""
+__all__ = ["ConfigError", "Settings", "load_settings"]
 
 
 class Section(BaseModel):
@@ -189,8 +189,6 @@ class EvaluationConfig(Section):
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | Path | None) -> dict[str, Any] | Path | None:
         if value is not None:
-            from finetune.evaluation import load_json_schema
-
             load_json_schema(value)
         return value
 
@@ -338,3 +336,26 @@ def describe_validation_error(exc: ValidationError, path: Path | None = None) ->
         else:
             lines.append(f"config key {key!r}: {err['msg']}{where}")
     return "; ".join(lines)
+
+
+def load_json_schema(value: dict[str, Any] | Path) -> dict[str, Any]:
+    """``evaluation.json_schema`` as a checked JSON schema (inline mapping or a .json file)."""
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
+    where = "evaluation.json_schema"
+    if isinstance(value, Path):
+        where = f"evaluation.json_schema file {value}"
+        try:
+            value = json.loads(value.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise EvaluationError(f"{where}: cannot read ({exc.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EvaluationError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise EvaluationError(f"{where}: a JSON schema must be an object")
+    try:
+        validator_for(value).check_schema(value)
+    except SchemaError as exc:
+        raise EvaluationError(f"{where}: not a valid JSON schema ({exc.message})") from None
+    return dict(value)

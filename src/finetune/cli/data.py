@@ -1,0 +1,64 @@
+"""``finetune data check``: fetch, validate and template a dataset and print the data report, without training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def data() -> None:
+    """Inspect datasets."""
+
+
+@app.command("check")
+def check(
+    source: Annotated[str, typer.Argument(help="Path, file://, s3://, https:// or hf: dataset (overrides dataset.source).")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+    ] = None,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="List every bad row instead of stopping at the first.")
+    ] = False,
+    rows_only: Annotated[
+        bool, typer.Option("--rows-only", help="Validate rows only; skip templating (no tokenizer needed).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of Markdown.")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Also write data_report.md and data_report.json to this directory.")
+    ] = None,
+) -> None:
+    """Validate every row and print the data report; exit 1 if rows had to be skipped, 2 on an error."""
+    from finetune.config import ConfigError, load_settings
+    from finetune.data import DataError, load_splits, tokenize_splits
+    from finetune.data.report import build_report, report_markdown, write_report
+    from finetune.data.templating import TemplateError, load_tokenizer
+    from finetune.model.resolve import resolve_model
+    from finetune.store import StorageError
+
+    try:
+        settings = load_settings(config, [*(overrides or []), f"dataset.source={json.dumps(source)}"])
+        if keep_going:
+            settings.dataset.on_bad_row = "skip"
+        splits = load_splits(settings.dataset, settings.storage)
+        data = None
+        if not rows_only:
+            model = resolve_model(settings.model.path, settings.model.revision, settings.work_dir)
+            data = tokenize_splits(splits, load_tokenizer(model), settings.template, settings.dataset.on_bad_row)
+        report = build_report(splits, data, settings.training.batch_size)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_report(report, out)
+    except (ConfigError, DataError, TemplateError, StorageError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else report_markdown(report))
+    skipped = report["bad_rows_skipped"] + report.get("templating", {}).get("bad_rows_skipped", 0)
+    if skipped:
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""Evaluation: base, champion and candidate on identical inputs; metrics, the one gate, reports."""

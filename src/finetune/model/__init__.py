@@ -1,0 +1,1 @@
+"""Base models: resolving a model reference, loading it, importing GGUF files, the tiny test model."""

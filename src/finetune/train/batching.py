@@ -1,0 +1,126 @@
+"""Length-bucketed batches padded to a few fixed widths.
+
+mlx-lm's ``iterate_batches`` meant to sort by length but sorts by the size of
+the row dict, so its batches mix short and long rows and about a quarter of
+the computed tokens are padding. Here rows are sorted by token count inside
+shuffled windows, cut into batches, and the batches shuffled again; each batch
+is padded to the next width of a short ladder, so the compiled step is traced
+once per width instead of once per batch shape.
+
+Every epoch's order is a pure function of (seed, epoch): a resumed run only
+needs the cursor (epoch, batch index) to continue with the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from finetune.data.templating import Encoded
+
+PAD_ID = 0  # any valid id works: padded positions are masked out of the loss
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Inputs, next-token targets and a 0/1 float mask of supervised targets, all (rows, width)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    n_tokens: int  # real (non-padding) input positions
+    n_targets: int  # supervised target tokens
+
+    @property
+    def width(self) -> int:
+        return int(self.inputs.shape[1])
+
+    @property
+    def n_computed(self) -> int:
+        return int(self.inputs.size)
+
+
+def n_targets(row: Encoded) -> int:
+    """Supervised tokens the model can predict: token 0 has no context, so it never counts."""
+    return sum(row.loss_mask[1:])
+
+
+def pad_widths(max_width: int) -> list[int]:
+    """Multiples of 8 whose step doubles with each octave, so rounding wastes at most ~12 %."""
+    widths, w = [], 8
+    while w < max_width:
+        widths.append(w)
+        w += max(8, 1 << (w.bit_length() - 4))
+    widths.append(max_width)
+    return widths
+
+
+def padded_width(length: int, widths: Sequence[int]) -> int:
+    for w in widths:
+        if w >= length:
+            return w
+    raise ValueError(f"a row of {length} input tokens is longer than the widest batch ({widths[-1]})")
+
+
+def collate(rows: Sequence[Encoded], widths: Sequence[int]) -> Batch:
+    """Shift rows into (inputs, targets, mask) padded to one ladder width."""
+    width = padded_width(max(len(r.input_ids) - 1 for r in rows), widths)
+    inputs = np.full((len(rows), width), PAD_ID, np.int32)
+    targets = np.full((len(rows), width), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids) - 1
+        ids = np.asarray(row.input_ids, np.int32)
+        inputs[i, :n] = ids[:-1]
+        targets[i, :n] = ids[1:]
+        mask[i, :n] = np.asarray(row.loss_mask[1:], np.float32)
+    return Batch(
+        inputs=inputs,
+        targets=targets,
+        mask=mask,
+        n_tokens=sum(len(r.input_ids) - 1 for r in rows),
+        n_targets=int(mask.sum()),
+    )
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, window_batches: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch, deterministic in (seed, epoch).
+
+    The remainder that does not fill a batch is dropped (a different remainder
+    each epoch) so every training batch has the same number of rows.
+    """
+    if len(lengths) < batch_size:
+        raise ValueError(f"the training split has {len(lengths)} usable rows, fewer than training.batch_size={batch_size}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    order = order[: len(order) - len(order) % batch_size]
+    window = batch_size * window_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def epoch_order(n: int, seed: int) -> list[int]:
+    """A fixed pseudo-random order of ``n`` rows."""
+    return np.random.default_rng([seed, 1 << 30]).permutation(n).tolist()
+
+
+def eval_batches(rows: Sequence[Encoded], batch_size: int, widths: Sequence[int]) -> list[Batch]:
+    """Validation batches: sorted by length for little padding; order does not matter for a sum."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    return [collate([rows[i] for i in order[s : s + batch_size]], widths) for s in range(0, len(order), batch_size)]
+
+
+def padding_stats(batches: Sequence[Batch]) -> dict[str, float]:
+    computed = sum(b.n_computed for b in batches)
+    real = sum(b.n_tokens for b in batches)
+    return {
+        "computed_tokens": computed,
+        "real_tokens": real,
+        "supervised_tokens": sum(b.n_targets for b in batches),
+        "padded_fraction": 1.0 - real / computed if computed else 0.0,
+    }

@@ -1,0 +1,427 @@
+"""LoRA training on mlx-lm's building blocks, with exact resume.
+
+Differences from ``mlx_lm.tuner.trainer`` and why:
+- batches are length-bucketed and padded to a few widths (see ``batching``);
+- the loss is summed over supervised tokens and divided by the token count of
+  the whole accumulated step, so gradient accumulation weights micro-batches
+  by their target tokens rather than equally;
+- a micro-batch with no targets, or a non-finite loss or gradient, is skipped
+  and reported instead of being applied (one NaN update poisons every LoRA
+  tensor);
+- checkpoints hold the adapter, the optimizer state (with its step, so the LR
+  schedule continues), the data cursor and best-validation state, and every
+  random draw is a function of (seed, step) or (seed, epoch): a run killed at
+  any point and resumed from its last checkpoint produces the same losses and
+  tensors, bit for bit on CPU, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from finetune.config import Settings
+from finetune.data.templating import Encoded
+from finetune.errors import FingerprintMismatch, TrainingError
+from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
+from finetune.train import batching, checkpoints
+from finetune.train.batching import Batch
+from finetune.train.fingerprints import (
+    check_fingerprints,
+    config_fingerprint,
+    data_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
+from finetune.train.lora import build_optimizer, load_model, step_seed
+from finetune.train.progress import ProgressWindow
+from finetune.train.outputs import read_history, rewrite_events, run_lock, write_adapter
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    initial_val_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    resumed_from: int | None
+    skipped_batches: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainResult":
+        return cls(**{**data, "adapter_dir": Path(data["adapter_dir"])})
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # micro-batches of ``epoch`` already consumed
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    skipped_batches: int = 0
+    trained_tokens: int = 0
+    supervised_tokens: int = 0
+
+
+# ---------------------------------------------------------------- data check
+
+
+def usable_rows(rows: Sequence[Encoded], split: str) -> tuple[list[Encoded], str | None]:
+    """Drop rows without a predictable target (they would add 0/0 to the loss); say so."""
+    kept = [r for r in rows if len(r.input_ids) >= 2 and batching.n_targets(r) > 0]
+    if len(kept) == len(rows):
+        return kept, None
+    return kept, f"{split}: dropped {len(rows) - len(kept)} of {len(rows)} rows with no supervised tokens"
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One LoRA training run in one process: compiled steps, guards, checkpoints, progress."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_path: str,
+        data: dict[str, list[Encoded]],
+        run_dir: Path,
+        on_progress: ProgressFn | None = None,
+    ):
+        self.settings = settings
+        self.t = settings.training
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.run_dir / CHECKPOINTS_DIR
+        self.on_progress = on_progress
+        self.model_path = model_path
+        if "train" not in data or "valid" not in data:
+            raise TrainingError(f"tokenized data needs 'train' and 'valid' splits, got {sorted(data)}")
+        self.train_rows, train_note = usable_rows(data["train"], "train")
+        self.valid_rows, valid_note = usable_rows(data["valid"], "valid")
+        self.data_notes = [n for n in (train_note, valid_note) if n]
+        if not self.valid_rows:
+            raise TrainingError("the validation split has no rows with supervised tokens")
+        longest = max(len(r.input_ids) for r in (*self.train_rows, *self.valid_rows))
+        self.widths = batching.pad_widths(max(settings.template.max_seq_length, longest) - 1)
+        self.lengths = [len(r.input_ids) for r in self.train_rows]
+        self.batches_per_epoch = len(self.train_rows) // self.t.batch_size
+        if self.batches_per_epoch == 0:
+            raise TrainingError(
+                f"the training split has {len(self.train_rows)} usable rows, fewer than training.batch_size={self.t.batch_size}"
+            )
+        self.total_steps = self._total_steps()
+        self.model, tokenizer, model_dir = load_model(settings, model_path)
+        self.fingerprints = {
+            "config": config_fingerprint(settings),
+            "model": model_fingerprint(model_dir),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data": data_fingerprint({"train": data["train"], "valid": data["valid"]}),
+        }
+        self.optimizer = build_optimizer(settings, self.total_steps)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.state = LoopState()
+        self._plan: tuple[int, list[list[int]]] | None = None
+        self.val_batches = self._val_batches()
+
+    # ----- setup
+
+    def _total_steps(self) -> int:
+        if self.t.epochs is None:
+            return self.t.iters
+        return max(1, math.ceil(self.t.epochs * self.batches_per_epoch / self.t.grad_accumulation_steps))
+
+    def _val_batches(self) -> list[Batch]:
+        rows = self.valid_rows
+        if self.t.val_batches != -1:
+            # A fixed random subset, not the shortest rows that a length sort would put first.
+            order = batching.epoch_order(len(rows), self.t.seed)
+            rows = [rows[i] for i in order[: self.t.val_batches * self.t.batch_size]]
+        return batching.eval_batches(rows, self.t.batch_size, self.widths)
+
+    def restore(self, fresh: bool = False) -> int | None:
+        """Resume from the newest valid checkpoint (or wipe the run when ``fresh``); returns its step."""
+        checkpoints.remove_leftovers(self.ckpt_root)
+        if fresh:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            (self.run_dir / TRAIN_EVENTS_FILE).unlink(missing_ok=True)
+        ckpt = checkpoints.latest_valid(self.ckpt_root)
+        if ckpt is None:
+            if checkpoints.committed(self.ckpt_root):
+                self.emit({"event": "warning", "message": f"{self.ckpt_root}: no valid checkpoint; starting from step 0"})
+            (self.run_dir / TRAIN_EVENTS_FILE).unlink(missing_ok=True)
+            return None
+        check_fingerprints(ckpt.state.get("fingerprints", {}), self.fingerprints, ckpt.path)
+        adapter = checkpoints.load_arrays(ckpt, "adapters")
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
+            raise FingerprintMismatch(f"{ckpt.path}: adapter tensors do not match the model's LoRA layers")
+        self.model.load_weights(list(adapter.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(checkpoints.load_arrays(ckpt, "optimizer").items()))
+        self.state = LoopState(**ckpt.state["loop"])
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        rewrite_events(self.run_dir / TRAIN_EVENTS_FILE, ckpt.step)
+        self.emit({"event": "resume", "step": ckpt.step, "checkpoint": str(ckpt.path)})
+        return ckpt.step
+
+    # ----- compiled functions (built after restore: compile captures the optimizer state object)
+
+    def _compile(self) -> None:
+        model, optimizer, clip = self.model, self.optimizer, self.t.grad_clip
+
+        def loss_sum(inputs, targets, mask):
+            logits = model(inputs)
+            return (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+
+        value_and_grad = nn.value_and_grad(model, loss_sum)
+
+        # model.state is an output too: value_and_grad leaves the traced parameters in the model.
+        grad_state = [model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=grad_state, outputs=grad_state)
+        def grad_fn(inputs, targets, mask):
+            loss, grads = value_and_grad(inputs, targets, mask)
+            sq_norm = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
+            return loss, sq_norm, grads
+
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update_fn(grads, n_targets):
+            grads = tree_map(lambda g: g / n_targets, grads)
+            if clip is not None:
+                grads, _ = optim.clip_grad_norm(grads, clip)
+            optimizer.update(model, grads)
+
+        @partial(mx.compile, inputs=[model.state])
+        def eval_fn(inputs, targets, mask):
+            return loss_sum(inputs, targets, mask)
+
+        self._grad_fn, self._update_fn, self._eval_fn = grad_fn, update_fn, eval_fn
+
+    # ----- data cursor
+
+    def _next_batch(self) -> Batch:
+        s = self.state
+        if s.batch_index >= self.batches_per_epoch:
+            s.epoch, s.batch_index = s.epoch + 1, 0
+        if self._plan is None or self._plan[0] != s.epoch:
+            plan = batching.epoch_batches(self.lengths, self.t.batch_size, self.t.seed, s.epoch, self.t.sort_window_batches)
+            self._plan = (s.epoch, plan)
+        rows = [self.train_rows[i] for i in self._plan[1][s.batch_index]]
+        s.batch_index += 1
+        return batching.collate(rows, self.widths)
+
+    # ----- steps
+
+    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[dict | None, float, int, list[str]]:
+        """Summed gradients, summed loss and target count of the usable micro-batches, and why others were skipped."""
+        grads, loss_sum, n_targets, skipped = None, 0.0, 0, []
+        for batch in micro_batches:
+            if batch.n_targets == 0:
+                skipped.append("no supervised tokens")
+                continue
+            loss, sq_norm, g = self._grad_fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            mx.eval(loss, sq_norm, g)
+            if not math.isfinite(loss.item()):
+                skipped.append("non-finite loss")
+                continue
+            if not math.isfinite(sq_norm.item()):
+                skipped.append("non-finite gradient")
+                continue
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum += loss.item()
+            n_targets += batch.n_targets
+        return grads, loss_sum, n_targets, skipped
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
+        """One optimizer step over ``micro_batches``, weighted by target tokens; bad micro-batches are left out."""
+        grads, loss_sum, n_targets, skipped = self.accumulate(micro_batches)
+        if grads is not None:
+            self._update_fn(grads, mx.array(n_targets, mx.float32))
+            mx.eval(self.model.parameters(), self.optimizer.state)
+        return {"loss_sum": loss_sum, "n_targets": n_targets, "skipped": skipped, "updated": grads is not None}
+
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, n = mx.array(0.0), 0
+        for b in self.val_batches:
+            total = total + self._eval_fn(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+            n += b.n_targets
+            mx.eval(total)
+        self.model.train()
+        return total.item() / n
+
+    # ----- progress
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if event["event"] in ("train", "eval", "skip", "checkpoint", "resume", "done"):
+            with open(self.run_dir / TRAIN_EVENTS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+        if self.on_progress is not None:
+            self.on_progress(event)
+        elif event["event"] in ("skip", "warning"):
+            log.warning("%s", event["message"])
+
+    # ----- checkpoints
+
+    def save_checkpoint(self, val_loss: float | None) -> None:
+        s = self.state
+        ckpt = checkpoints.write_checkpoint(
+            self.ckpt_root,
+            s.step,
+            {
+                "adapters": dict(tree_flatten(self.model.trainable_parameters())),
+                "optimizer": dict(tree_flatten(self.optimizer.state)),
+            },
+            {
+                "loop": asdict(s),
+                "val_loss": val_loss,
+                "fingerprints": self.fingerprints,
+                "random": f"mx.random.seed(sha256('{self.t.seed}:<step>')) before each step; "
+                f"numpy default_rng([{self.t.seed}, epoch]) per epoch",
+            },
+        )
+        checkpoints.prune(self.ckpt_root, self.t.keep_checkpoints, s.best_step)
+        self.emit({"event": "checkpoint", "step": s.step, "path": str(ckpt.path)})
+
+    # ----- the loop
+
+    def run(self, fresh: bool = False) -> TrainResult:
+        resumed_from = self.restore(fresh)
+        for note in self.data_notes:
+            self.emit({"event": "warning", "message": note})
+        self._compile()
+        self.model.train()
+        s, t = self.state, self.t
+        self.emit(
+            {
+                "event": "start",
+                "total_steps": self.total_steps,
+                "resumed_from": resumed_from,
+                "train_rows": len(self.train_rows),
+                "valid_rows": len(self.valid_rows),
+                "trainable_parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
+            }
+        )
+        initial_val = None
+        if resumed_from is None:
+            initial_val = self.evaluate()
+            self.emit({"event": "eval", "step": 0, "val_loss": initial_val})
+        window = ProgressWindow()
+        started, first_step = time.perf_counter(), s.step
+        while s.step < self.total_steps and not s.stopped_early:
+            s.step += 1
+            mx.random.seed(step_seed(t.seed, s.step))
+            tic = time.perf_counter()
+            batches = [self._next_batch() for _ in range(t.grad_accumulation_steps)]
+            out = self.train_step(batches)
+            window.add(batches, out, time.perf_counter() - tic)
+            s.trained_tokens += sum(b.n_tokens for b in batches)
+            s.supervised_tokens += out["n_targets"]
+            for reason in out["skipped"]:
+                s.skipped_batches += 1
+                self.emit({"event": "skip", "step": s.step, "message": f"step {s.step}: skipped a batch ({reason})"})
+            if s.step % t.steps_per_report == 0 or s.step == self.total_steps:
+                elapsed = time.perf_counter() - started
+                eta = elapsed / (s.step - first_step) * (self.total_steps - s.step)
+                self.emit({"event": "train", "step": s.step, "total_steps": self.total_steps, "epoch": s.epoch,
+                           "lr": self.optimizer.learning_rate.item(), "eta_seconds": eta, **window.report()})
+                window = ProgressWindow()
+            self._after_step()
+        return self._finish(initial_val, resumed_from)
+
+    def _after_step(self) -> None:
+        s, t = self.state, self.t
+        last = s.step == self.total_steps
+        val_loss, improved = None, False
+        if s.step % t.steps_per_eval == 0 or last:
+            val_loss = self.evaluate()
+            improved = s.best_val_loss is None or val_loss < s.best_val_loss
+            if improved:
+                s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
+            else:
+                s.evals_since_best += 1
+                s.stopped_early = t.early_stopping_patience is not None and s.evals_since_best >= t.early_stopping_patience
+            self.emit({"event": "eval", "step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
+                       "best_step": s.best_step})
+        # The best step always gets a checkpoint so that it survives pruning and can become the final adapter.
+        if s.step % t.steps_per_checkpoint == 0 or last or improved or s.stopped_early:
+            self.save_checkpoint(val_loss)
+
+    def _finish(self, initial_val: float | None, resumed_from: int | None) -> TrainResult:
+        s = self.state
+        history = read_history(self.run_dir / TRAIN_EVENTS_FILE)
+        if initial_val is None:
+            initial_val = next((h["val_loss"] for h in history if h["step"] == 0), None)
+        source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(s.step))
+        if self.t.final_adapter == "best" and s.best_step not in (None, s.step):
+            try:
+                source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(s.best_step))
+            except checkpoints.CheckpointError as exc:
+                self.emit({"event": "warning", "message": f"best checkpoint unusable, using the last step's adapter: {exc}"})
+        source_step = source.step
+        adapter_dir = write_adapter(
+            self.run_dir / ADAPTER_DIR,
+            checkpoints.load_arrays(source, "adapters"),
+            self.settings,
+            {"base_model": self.model_path, "step": source_step, "val_loss": source.state.get("val_loss"),
+             "fingerprints": self.fingerprints},
+        )
+        final_val = next((h["val_loss"] for h in reversed(history) if h["val_loss"] is not None), None)
+        result = TrainResult(
+            adapter_dir=adapter_dir,
+            steps=s.step,
+            initial_val_loss=initial_val,
+            final_val_loss=final_val,
+            best_val_loss=s.best_val_loss,
+            best_step=s.best_step,
+            stopped_early=s.stopped_early,
+            resumed_from=resumed_from,
+            skipped_batches=s.skipped_batches,
+            history=history,
+        )
+        self.emit({"event": "done", "step": s.step, "adapter_dir": str(adapter_dir), "adapter_step": source_step,
+                   "best_val_loss": s.best_val_loss, "stopped_early": s.stopped_early})
+        return result
+
+
+def train(
+    settings: Settings,
+    model_path: str,
+    data: dict[str, list[Encoded]],
+    run_dir: Path,
+    on_progress: ProgressFn | None = None,
+    fresh: bool = False,
+) -> TrainResult:
+    """Train (or resume) a LoRA adapter in this process; the adapter lands in ``run_dir/adapter``."""
+    with run_lock(Path(run_dir)):
+        return Trainer(settings, model_path, data, Path(run_dir), on_progress).run(fresh=fresh)
