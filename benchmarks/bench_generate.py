@@ -55,7 +55,9 @@ def main() -> None:
 
     same = sum(a == b for a, b in zip(batched, sequential))
     print(f"model: {model_path}  adapter: {args.adapter}  prompts: {len(conversations)}  max_tokens: {args.max_tokens}")
-    print(f"batched (batch size {args.batch_size}): {t_batched:8.2f} s  ({len(conversations) / t_batched:6.1f} prompts/s)")
+    print(
+        f"batched (batch size {args.batch_size}): {t_batched:8.2f} s  ({len(conversations) / t_batched:6.1f} prompts/s)"
+    )
     print(f"one at a time:            {t_sequential:8.2f} s  ({len(conversations) / t_sequential:6.1f} prompts/s)")
     print(f"speed-up: {t_sequential / t_batched:.1f}x   identical answers: {same}/{len(conversations)}")
 

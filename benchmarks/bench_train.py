@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from finetune.train.blas import preload_env, reexec_with_openblas
-from finetune.train.child import run_training_child
 from finetune.config import load_settings
-from finetune.data import load_splits, save_tokenized, Splits, tokenize_splits, TokenizedData
+from finetune.data import Splits, TokenizedData, load_splits, save_tokenized, tokenize_splits
 from finetune.evaluation.evaluate import evaluate_loss
 from finetune.evaluation.generate import load_for_eval
-from finetune.model.tiny import ensure_tiny_model
 from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.model.tiny import ensure_tiny_model
+from finetune.train.blas import preload_env, reexec_with_openblas
+from finetune.train.child import run_training_child
 
 BATCH, RANK, SCALE, LR, MAX_LEN = 8, 8, 20.0, 2e-3, 512
 
@@ -58,10 +58,14 @@ def mixed_rows(source: list[dict], n: int, seed: int) -> list[dict]:
     for _ in range(n):
         k = int(min(14, 1 + rng.lognormal(0.7, 0.9)))
         picks = [source[i]["messages"] for i in rng.choice(len(source), k, replace=False)]
-        rows.append({"messages": [
-            {"role": "user", "content": " ".join(m[0]["content"] for m in picks)},
-            {"role": "assistant", "content": " ".join(m[1]["content"] for m in picks)},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(m[0]["content"] for m in picks)},
+                    {"role": "assistant", "content": " ".join(m[1]["content"] for m in picks)},
+                ]
+            }
+        )
     return rows
 
 
@@ -92,12 +96,24 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) -> dict:
-    settings = load_settings(None, [
-        f"training.iters={iters}", f"training.batch_size={BATCH}", f"training.learning_rate={LR}",
-        "training.lr_schedule=constant", "training.warmup_steps=0", "training.grad_clip=null", f"training.seed={seed}",
-        f"training.steps_per_report={iters}", f"training.steps_per_eval={iters}", f"training.steps_per_checkpoint={iters}",
-        f"lora.rank={RANK}", f"lora.scale={SCALE}", f"template.max_seq_length={MAX_LEN}",
-    ])
+    settings = load_settings(
+        None,
+        [
+            f"training.iters={iters}",
+            f"training.batch_size={BATCH}",
+            f"training.learning_rate={LR}",
+            "training.lr_schedule=constant",
+            "training.warmup_steps=0",
+            "training.grad_clip=null",
+            f"training.seed={seed}",
+            f"training.steps_per_report={iters}",
+            f"training.steps_per_eval={iters}",
+            f"training.steps_per_checkpoint={iters}",
+            f"lora.rank={RANK}",
+            f"lora.scale={SCALE}",
+            f"template.max_seq_length={MAX_LEN}",
+        ],
+    )
     peak = []
 
     def on_event(event: dict) -> None:
@@ -112,11 +128,14 @@ def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) 
     windows = [e for e in events if e["event"] == "train"]
     tokens = sum(e["tokens"] for e in windows)
     return {
-        "seconds": sum(e["seconds"] for e in windows), "tokens": tokens,
+        "seconds": sum(e["seconds"] for e in windows),
+        "tokens": tokens,
         "supervised": sum(e["supervised_tokens"] for e in windows),
         "computed": sum(e["tokens"] / (1 - e["padded_fraction"]) for e in windows),
-        "wall_seconds": wall, "peak_rss_mb": max(peak, default=float("nan")),
-        "final_val_loss": result.final_val_loss, "adapter_dir": result.adapter_dir,
+        "wall_seconds": wall,
+        "peak_rss_mb": max(peak, default=float("nan")),
+        "final_val_loss": result.final_val_loss,
+        "adapter_dir": result.adapter_dir,
     }
 
 
@@ -142,17 +161,35 @@ def mlx_lm_batches(model: str, data_dir: Path) -> dict:
 def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, batches: dict) -> dict:
     out.mkdir()
     config = {
-        "model": model, "train": True, "data": str(data_dir), "fine_tune_type": "lora", "optimizer": "adam",
-        "mask_prompt": True, "num_layers": -1, "batch_size": BATCH, "iters": iters, "val_batches": -1,
-        "learning_rate": LR, "steps_per_report": iters, "steps_per_eval": iters, "save_every": 10 * iters,
-        "adapter_path": str(out / "adapter"), "max_seq_length": MAX_LEN, "seed": seed,
+        "model": model,
+        "train": True,
+        "data": str(data_dir),
+        "fine_tune_type": "lora",
+        "optimizer": "adam",
+        "mask_prompt": True,
+        "num_layers": -1,
+        "batch_size": BATCH,
+        "iters": iters,
+        "val_batches": -1,
+        "learning_rate": LR,
+        "steps_per_report": iters,
+        "steps_per_eval": iters,
+        "save_every": 10 * iters,
+        "adapter_path": str(out / "adapter"),
+        "max_seq_length": MAX_LEN,
+        "seed": seed,
         "lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0},
     }
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     env, _ = preload_env()
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "lora", "-c", str(out / "config.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "lora", "-c", str(out / "config.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -167,9 +204,12 @@ def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, bat
     supervised_per_second = float(train[-1][2].replace(",", ""))
     return {
         # One report window spans the whole epoch, so its tokens/s gives the training time.
-        "seconds": batches["supervised"] / supervised_per_second, **batches,
-        "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-        "final_val_loss": float(vals[-1][1]), "adapter_dir": out / "adapter",
+        "seconds": batches["supervised"] / supervised_per_second,
+        **batches,
+        "wall_seconds": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "final_val_loss": float(vals[-1][1]),
+        "adapter_dir": out / "adapter",
     }
 
 
@@ -182,23 +222,33 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int) -> None:
     write_jsonl(data_dir / "train.jsonl", train_rows)
     write_jsonl(data_dir / "valid.jsonl", valid_rows)
 
-    data_file, data = tokenize(model, Splits(train_rows, valid_rows, []), work / "tokenized.safetensors",
-                               [f"template.max_seq_length={MAX_LEN}"])
+    data_file, data = tokenize(
+        model,
+        Splits(train_rows, valid_rows, []),
+        work / "tokenized.safetensors",
+        [f"template.max_seq_length={MAX_LEN}"],
+    )
     lengths = [int(n) for n in data.splits["train"].lengths()]
-    print(f"data: {len(train_rows)} train rows, {len(valid_rows)} valid rows; tokens per row min {min(lengths)}, "
-          f"median {int(np.median(lengths))}, max {max(lengths)}; {iters} steps of {BATCH} = one epoch")
+    print(
+        f"data: {len(train_rows)} train rows, {len(valid_rows)} valid rows; tokens per row min {min(lengths)}, "
+        f"median {int(np.median(lengths))}, max {max(lengths)}; {iters} steps of {BATCH} = one epoch"
+    )
 
     batches = mlx_lm_batches(model, data_dir)
     valid = data.splits["valid"].encoded()
     runs: dict[str, list[dict]] = {"finetune": [], "mlx_lm lora": []}
     for seed in range(seeds):  # interleaved, so both see the same load on a shared machine
-        for name, run in (("finetune", lambda: run_ours(model, data_file, work / f"ours-{seed}", iters, seed)),
-                          ("mlx_lm lora", lambda: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches))):
+        for name, run in (
+            ("finetune", lambda seed=seed: run_ours(model, data_file, work / f"ours-{seed}", iters, seed)),
+            ("mlx_lm lora", lambda seed=seed: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches)),
+        ):
             result = run()
             result["common_val_loss"] = common_val_loss(model, result["adapter_dir"], valid)
             runs[name].append(result)
-            print(f"  seed {seed} {name:12} {result['supervised'] / result['seconds']:8,.0f} supervised tok/s  "
-                  f"val loss {result['common_val_loss']:.4f}")
+            print(
+                f"  seed {seed} {name:12} {result['supervised'] / result['seconds']:8,.0f} supervised tok/s  "
+                f"val loss {result['common_val_loss']:.4f}"
+            )
     summary = {name: summarize(results) for name, results in runs.items()}
     ours, theirs = summary["finetune"], summary["mlx_lm lora"]
     print(f"\n{'':34}{'finetune':>16}{'mlx_lm lora':>16}{'ratio':>8}")
@@ -246,11 +296,18 @@ def demo_blas(model: str, work: Path) -> None:
         events = [json.loads(x) for x in (work / f"demo-{mode}" / METRICS_FILE).read_text().splitlines()]
         windows = [e for e in events if e["event"] == "train"]
         seconds = sum(e["seconds"] for e in windows)
-        figures[mode] = (wall, sum(e["tokens"] for e in windows) / seconds,
-                         sum(e["supervised_tokens"] for e in windows) / seconds, result.final_val_loss, logs[0])
+        figures[mode] = (
+            wall,
+            sum(e["tokens"] for e in windows) / seconds,
+            sum(e["supervised_tokens"] for e in windows) / seconds,
+            result.final_val_loss,
+            logs[0],
+        )
     print(f"\ndemo training ({settings.training.iters} steps, default config):")
-    for mode, (wall, tok, sup, loss, line) in figures.items():
-        print(f"  {line}\n    wall {wall:.1f} s, {tok:,.0f} tokens/s ({sup:,.0f} supervised), final val loss {loss:.4f}")
+    for wall, tok, sup, loss, line in figures.values():
+        print(
+            f"  {line}\n    wall {wall:.1f} s, {tok:,.0f} tokens/s ({sup:,.0f} supervised), final val loss {loss:.4f}"
+        )
     (wa, ta, *_), (wo, to, *_) = figures["auto"], figures["off"]
     print(f"  OpenBLAS speed-up: {ta / to:.2f}x tokens/s, {wo / wa:.2f}x wall time")
 

@@ -84,8 +84,13 @@ def main() -> None:
 
         import boto3
 
-        plain_client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                    aws_access_key_id="bench", aws_secret_access_key="bench")
+        plain_client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
 
         def plain(bucket: str) -> None:
             plain_client.upload_file(str(weights), bucket, "plain/adapters.safetensors")
@@ -94,6 +99,7 @@ def main() -> None:
             def run(bucket: str) -> None:
                 store = open_store(StorageConfig(uri=f"s3://{bucket}/bench", **base, **extra))
                 publish_run(store, f"run-{uuid.uuid4().hex[:8]}", bundle, {"benchmark": True})
+
             return run
 
         variants = {
@@ -112,6 +118,7 @@ def main() -> None:
     print(f"{size} MiB to moto's server on 127.0.0.1, median of {args.repeat} (variants interleaved)")
     for name, seconds in results.items():
         print(f"  {name:<42} {seconds:6.2f} s  {size / seconds:6.1f} MiB/s  ratio {seconds / baseline:.2f}x")
+
 
 if __name__ == "__main__":
     main()

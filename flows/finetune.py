@@ -14,16 +14,16 @@ from prefect import State, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from finetune.config import (
+    SECTIONS,
     DatasetConfig,
     EvaluationConfig,
-    load_settings,
     LoraConfig,
     ModelConfig,
-    SECTIONS,
     Settings,
     StorageConfig,
     TemplateConfig,
     TrainingConfig,
+    load_settings,
 )
 from finetune.publishing.retrain import base_model_ref
 from tasks.bundle import assemble_bundle
@@ -83,7 +83,9 @@ def finetune_pipeline(
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
     if not force and (previous := check_unchanged(settings, fetched["version"])):
         return nothing_changed(previous, store_uri)
-    tokens = template_dataset(fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir)
+    tokens = template_dataset(
+        fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir
+    )
     report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
 
     with training_slot():
@@ -144,9 +146,7 @@ def flow_parameters(settings: Settings) -> dict[str, Any]:
 def settings_from_parameters(parameters: dict[str, Any]) -> Settings:
     """Flow parameters over the worker's environment; secrets left unset come from the environment."""
     sections = {
-        name: value.model_dump(exclude_none=True)
-        for name, value in parameters.items()
-        if hasattr(value, "model_dump")
+        name: value.model_dump(exclude_none=True) for name, value in parameters.items() if hasattr(value, "model_dump")
     }
     return load_settings(overrides={"work_dir": parameters["work_dir"], **sections})
 
@@ -166,7 +166,9 @@ def summary_of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def manifest_fields(settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]) -> dict[str, Any]:
+def manifest_fields(
+    settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]
+) -> dict[str, Any]:
     from finetune import __version__
 
     candidate = report["metrics"]["candidate"]

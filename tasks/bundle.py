@@ -8,9 +8,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from finetune.publishing.bundle import build_bundle
 from finetune.config import TemplateConfig
 from finetune.data.templating import chat_template_of, load_tokenizer
+from finetune.publishing.bundle import build_bundle
 
 
 @task(name="build-bundle", cache_policy=NO_CACHE, result_serializer="json")

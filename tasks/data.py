@@ -24,10 +24,10 @@ from prefect.states import State
 from finetune.config import DatasetConfig, StorageConfig, TemplateConfig
 from finetune.data import (
     FetchError,
+    Splits,
     load_splits,
     read_tokenized,
     save_tokenized,
-    Splits,
     tokenize_splits,
     tokenized_version,
 )
@@ -73,12 +73,15 @@ def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_di
     logger = get_run_logger()
     splits = load_splits(dataset, storage, Path(work_dir))
     counts = splits.counts()
-    logger.info(
-        "dataset version %s: %s", splits.version()[:16], ", ".join(f"{k} {v} rows" for k, v in counts.items())
-    )
+    logger.info("dataset version %s: %s", splits.version()[:16], ", ".join(f"{k} {v} rows" for k, v in counts.items()))
     if splits.bad_rows:
         logger.warning("skipped %d bad rows (dataset.on_bad_row=skip); first: %s", splits.bad_rows, splits.problems[0])
-    return {"version": splits.version(), "directory": str(splits.directory), "counts": counts, "bad_rows": splits.bad_rows}
+    return {
+        "version": splits.version(),
+        "directory": str(splits.directory),
+        "counts": counts,
+        "bad_rows": splits.bad_rows,
+    }
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,7 +89,9 @@ def _tokenizer(model_path: str) -> Any:
     return load_tokenizer(model_path)
 
 
-def _target(dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str) -> tuple[str, Path]:
+def _target(
+    dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str
+) -> tuple[str, Path]:
     version = tokenized_version(
         Splits.open(dataset_dir).version(), template_fingerprint(_tokenizer(model_path), template), on_bad_row
     )
@@ -100,7 +105,10 @@ def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, A
     record can never hand out the path of a deleted file.
     """
     version, path = _target(
-        parameters["dataset_dir"], parameters["model_path"], parameters["template"], parameters["on_bad_row"],
+        parameters["dataset_dir"],
+        parameters["model_path"],
+        parameters["template"],
+        parameters["on_bad_row"],
         parameters["work_dir"],
     )
     build_id = path.with_name(BUILD_ID_FILE)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import Settings
-from finetune.data import read_tokenized, Splits
+from finetune.data import Splits, read_tokenized
 from finetune.evaluation.evaluate import EvalReport, evaluate_candidate
 from finetune.evaluation.report import comparison_rows, samples_markdown, write_loss_plot, write_model_card
 from finetune.layout import MODEL_CARD_FILE, PLOT_FILE

@@ -9,8 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.store import check_reachable, open_store
 from finetune.model.resolve import resolve_model as resolve_model_ref
+from finetune.store import check_reachable, open_store
 
 
 @task(name="check-storage", cache_policy=NO_CACHE, result_serializer="json")

@@ -20,7 +20,9 @@ from finetune.store import open_store
 
 
 @task(name="publish-bundle", cache_policy=NO_CACHE, result_serializer="json")
-def publish_bundle(storage: StorageConfig, run_id: str, bundle_dir: str, manifest_fields: dict[str, Any]) -> dict[str, Any]:
+def publish_bundle(
+    storage: StorageConfig, run_id: str, bundle_dir: str, manifest_fields: dict[str, Any]
+) -> dict[str, Any]:
     """Publish the bundle once; a retried run with the same bundle reuses the publication."""
     store = open_store(storage)
     published = publish_run(store, run_id, Path(bundle_dir), manifest_fields)
@@ -53,7 +55,9 @@ def champion_bundle(storage: StorageConfig, work_dir: str) -> dict[str, str] | N
         get_run_logger().info("no champion yet in %s", store.uri)
         return None
     # By run id, not "champion": a promotion between the two reads must not mix one run's id with another's files.
-    path = fetch_bundle(f"{store.uri.rstrip('/')}/runs/{champion['run_id']}", Path(work_dir) / "cache" / "bundles", storage)
+    path = fetch_bundle(
+        f"{store.uri.rstrip('/')}/runs/{champion['run_id']}", Path(work_dir) / "cache" / "bundles", storage
+    )
     get_run_logger().info("champion: run %s", champion["run_id"])
     return {"run_id": champion["run_id"], "path": str(path)}
 

@@ -46,10 +46,13 @@ def use_local_clone(directory: str | None = None) -> dict[str, str]:
     path = Path(chosen).expanduser().resolve() if chosen else Path(__file__).resolve().parents[1]
     if not ((path / "prefect.yaml").is_file() and (path / "flows" / "finetune.py").is_file()):
         hint = (
-            f"check {REPO_ENV} in the worker's environment" if chosen
+            f"check {REPO_ENV} in the worker's environment"
+            if chosen
             else f"set {REPO_ENV} in the worker's environment to the clone's path, or pip install -e . from a clone"
         )
-        raise FileNotFoundError(f"{path}: not a clone of the finetune repository (no prefect.yaml, flows/finetune.py); {hint}")
+        raise FileNotFoundError(
+            f"{path}: not a clone of the finetune repository (no prefect.yaml, flows/finetune.py); {hint}"
+        )
     os.chdir(path)
     return {"directory": str(path)}
 

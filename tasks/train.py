@@ -17,9 +17,9 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from finetune.train.child import run_training_child
 from finetune.config import Settings
 from finetune.errors import TrainingError
+from finetune.train.child import run_training_child
 
 PROGRESS_KEY = "training-progress"
 HISTORY_KEY = "training-history"
@@ -36,7 +36,9 @@ def _retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> boo
     return True
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE, result_serializer="json", retry_condition_fn=_retry_unless_user_error)
+@task(
+    name="train-adapter", cache_policy=NO_CACHE, result_serializer="json", retry_condition_fn=_retry_unless_user_error
+)
 def train_adapter(
     settings: Settings,
     model_path: str,
@@ -62,7 +64,13 @@ def train_adapter(
             update_progress_artifact(artifact, 100.0 * event["step"] / event["total_steps"])
 
     result = run_training_child(
-        settings, model_path, Path(data_path), Path(run_dir), logger.info, fresh=fresh and attempt == 1, on_event=on_event
+        settings,
+        model_path,
+        Path(data_path),
+        Path(run_dir),
+        logger.info,
+        fresh=fresh and attempt == 1,
+        on_event=on_event,
     )
     update_progress_artifact(artifact, 100.0)
     create_table_artifact(

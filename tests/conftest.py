@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import save_tokenized, TokenizedData, TokenizedSplit
+from finetune.data import TokenizedData, TokenizedSplit, save_tokenized
 from finetune.data.templating import Encoded
 from finetune.model.tiny import ensure_tiny_model
 
@@ -28,14 +28,18 @@ def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     settings = load_settings()
     _, tokenizer = load(str(tiny_model_dir))
     splits = load_splits(settings.dataset)
-    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
-            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
+    data = {
+        "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
+        "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]],
+    }
     return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
 
 
 def write_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:
     """Pack encoded rows into the tokenized-data file the training child reads."""
-    splits = {name: TokenizedSplit.from_encoded(rows) for name, rows in {"train": [], "valid": [], "test": [], **data}.items()}
+    splits = {
+        name: TokenizedSplit.from_encoded(rows) for name, rows in {"train": [], "valid": [], "test": [], **data}.items()
+    }
     return save_tokenized(path, TokenizedData("test", "test", "", splits, {}))
 
 

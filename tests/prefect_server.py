@@ -112,7 +112,11 @@ def start_server(home: Path, timeout: float = STARTUP_TIMEOUT) -> PrefectServer:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     server = PrefectServer(url, home, log, 0.0, process)
     while not _healthy(url):

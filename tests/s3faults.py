@@ -58,8 +58,13 @@ class Req:
             return "CompleteMultipartUpload"
         if self.method == "DELETE" and "uploadId" in q:
             return "AbortMultipartUpload"
-        return {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject",
-                "POST": "Post"}.get(self.method, self.method)
+        return {
+            "PUT": "PutObject",
+            "GET": "GetObject",
+            "HEAD": "HeadObject",
+            "DELETE": "DeleteObject",
+            "POST": "Post",
+        }.get(self.method, self.method)
 
 
 @dataclass
@@ -113,8 +118,10 @@ class FaultPlan:
 
 
 def _error_body(code: str, message: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-            f"<Message>{message}</Message><RequestId>fault</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message><RequestId>fault</RequestId></Error>"
+    ).encode()
 
 
 def _wrong(checksum: str) -> str:
@@ -139,8 +146,9 @@ def install_hook(client, plan: FaultPlan) -> None:
             return None
         if rule.action in _ERRORS:
             status, code, message = _ERRORS[rule.action]
-            return AWSResponse(request.url, status, {"Content-Type": "application/xml"},
-                               MockRawResponse(_error_body(code, message)))
+            return AWSResponse(
+                request.url, status, {"Content-Type": "application/xml"}, MockRawResponse(_error_body(code, message))
+            )
         if rule.action == "reset":
             raise ConnectionClosedError(endpoint_url=request.url)
         if rule.action == "delay":
@@ -210,7 +218,8 @@ class FaultProxy:
                 payload = _error_body(code, message)
                 conn.sendall(
                     f"HTTP/1.1 {status} {code}\r\nContent-Type: application/xml\r\n"
-                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                    + payload
                 )
                 return
             if action == "reset":

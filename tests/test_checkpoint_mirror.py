@@ -6,16 +6,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import write_tokenized
 from moto import mock_aws
 from s3faults import raw_client
 
-from conftest import write_tokenized
-from finetune.layout import checkpoints_key
-from finetune.train import checkpoints, mirror
+from finetune.config import StorageConfig, load_settings
 from finetune.errors import TrainingChildError
-from finetune.train.child import run_training_child
-from finetune.config import load_settings, StorageConfig
+from finetune.layout import checkpoints_key
 from finetune.store import open_store
+from finetune.train import checkpoints, mirror
+from finetune.train.child import run_training_child
 
 BUCKET = "finetune-ckpt-test"
 PREFIX = checkpoints_key("run-1")
@@ -78,14 +78,23 @@ def test_crashed_run_resumes_on_another_machine_from_the_store(tiny_model_dir, t
     from finetune.data import load_splits
     from finetune.data.templating import encode_chat
 
-    overrides = ["training.iters=10", "training.batch_size=4", "training.steps_per_checkpoint=2",
-                 "training.steps_per_eval=5", "training.keep_checkpoints=2", "lora.rank=4",
-                 "training.mirror_checkpoints=true", *s3_settings_overrides()]
+    overrides = [
+        "training.iters=10",
+        "training.batch_size=4",
+        "training.steps_per_checkpoint=2",
+        "training.steps_per_eval=5",
+        "training.keep_checkpoints=2",
+        "lora.rank=4",
+        "training.mirror_checkpoints=true",
+        *s3_settings_overrides(),
+    ]
     settings = load_settings(None, overrides)
     _, tokenizer = load(str(tiny_model_dir))
     splits = load_splits(settings.dataset)
-    data = {"train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
-            "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]]}
+    data = {
+        "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
+        "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]],
+    }
     data_path = write_tokenized(tmp_path / "data.safetensors", data)
 
     with mock_aws():

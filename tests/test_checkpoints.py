@@ -27,7 +27,9 @@ def test_round_trip_and_state_lists_hashes(tmp_path):
     verified = checkpoints.verify(ckpt.path)
     assert verified.step == 5 and verified.state["loop"] == {"step": 5}
     assert set(verified.state["files"]) == {"adapters.safetensors", "optimizer.safetensors"}
-    assert np.array_equal(np.array(checkpoints.load_arrays(verified, "adapters")["w"]), np.full((64, 8), 2.5, np.float32))
+    assert np.array_equal(
+        np.array(checkpoints.load_arrays(verified, "adapters")["w"]), np.full((64, 8), 2.5, np.float32)
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 

@@ -18,8 +18,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["demo"], ["run"], ["train"], ["evaluate"], ["generate"], ["tiny-model"], ["data", "check"],
-     ["runs", "list"], ["runs", "show"], ["champion"], ["promote"], ["gc"]],
+    [
+        [],
+        ["demo"],
+        ["run"],
+        ["train"],
+        ["evaluate"],
+        ["generate"],
+        ["tiny-model"],
+        ["data", "check"],
+        ["runs", "list"],
+        ["runs", "show"],
+        ["champion"],
+        ["promote"],
+        ["gc"],
+    ],
 )
 def test_help_everywhere(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
@@ -61,11 +74,16 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, workdir, args, expecte
 def test_unreachable_storage_fails_before_training(capsys, workdir):
     endpoint = f"http://127.0.0.1:{closed_port()}"
     code, out, err = run_cli(
-        capsys, "run",
-        "--set", "storage.uri=s3://finetune-bucket/runs",
-        "--set", f"storage.endpoint_url={endpoint}",
-        "--set", "storage.max_attempts=1",
-        "--set", "storage.connect_timeout=1",
+        capsys,
+        "run",
+        "--set",
+        "storage.uri=s3://finetune-bucket/runs",
+        "--set",
+        f"storage.endpoint_url={endpoint}",
+        "--set",
+        "storage.max_attempts=1",
+        "--set",
+        "storage.connect_timeout=1",
     )
     assert code == 2
     assert "s3://finetune-bucket" in err and len(err.strip().splitlines()) == 1, err

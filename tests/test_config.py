@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune.config import ConfigError, load_settings, parse_overrides, Settings
+from finetune.config import ConfigError, Settings, load_settings, parse_overrides
 
 
 @pytest.fixture

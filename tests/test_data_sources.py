@@ -6,8 +6,8 @@ import csv
 import datetime as dt
 import hashlib
 import http.server
-import ipaddress
 import io
+import ipaddress
 import json
 import ssl
 import sys
@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from finetune.config import DatasetConfig, StorageConfig
-from finetune.data import canonical_line, DataError, FetchError, load_splits, RowFile, Splits
+from finetune.data import DataError, FetchError, RowFile, Splits, canonical_line, load_splits
 
 
 def chat(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
+    return {
+        "messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+    }
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -64,7 +66,10 @@ def test_directory_with_split_files_keeps_them_and_records_origins(tmp_path: Pat
     splits = load(tmp_path, tmp_path / "ds")
     assert splits.counts() == {"train": 5, "valid": 2, "test": 1}
     assert list(splits.valid) == [chat(10), chat(11)]
-    assert list(splits.origins("valid")) == [f"{tmp_path / 'ds'}/validation.jsonl:1", f"{tmp_path / 'ds'}/validation.jsonl:2"]
+    assert list(splits.origins("valid")) == [
+        f"{tmp_path / 'ds'}/validation.jsonl:1",
+        f"{tmp_path / 'ds'}/validation.jsonl:2",
+    ]
 
 
 def test_missing_test_file_is_carved_from_train_only(tmp_path: Path) -> None:
@@ -149,7 +154,7 @@ def test_without_work_dir_rows_live_in_a_temporary_directory(tmp_path: Path) -> 
 
 
 def pc_rows(n: int = 12) -> list[dict]:
-    return [{"prompt": f"Capital no. {i}?", "completion": f"City {i}, \"quoted\", with comma"} for i in range(n)]
+    return [{"prompt": f"Capital no. {i}?", "completion": f'City {i}, "quoted", with comma'} for i in range(n)]
 
 
 def write_format(path: Path, rows: list[dict]) -> Path:
@@ -210,9 +215,13 @@ def test_explicit_format_overrides_the_extension(tmp_path: Path) -> None:
 def test_prompt_completion_rows_become_chat_with_optional_system(tmp_path: Path) -> None:
     rows = [{"prompt": "Q?", "completion": "A.", "system": "Be brief."}] * 10
     row = load(tmp_path, write_jsonl(tmp_path / "pc.jsonl", rows)).train[0]
-    assert row == {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}
-    ]}
+    assert row == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."},
+        ]
+    }
 
 
 def test_text_rows(tmp_path: Path) -> None:
@@ -225,7 +234,11 @@ def test_chat_rows_keep_tools_and_tool_messages(tmp_path: Path) -> None:
         "tools": [{"type": "function", "function": {"name": "capital_of"}}],
         "messages": [
             {"role": "user", "content": "Capital of Ghana?", "weight": 1},
-            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "capital_of", "arguments": "{}"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "capital_of", "arguments": "{}"}}],
+            },
             {"role": "tool", "content": "Accra", "tool_call_id": "1"},
             {"role": "assistant", "content": "Accra."},
         ],
@@ -252,7 +265,9 @@ def test_jinja_templates_map_alpaca_rows(tmp_path: Path) -> None:
         {"instruction": "Say hi.", "input": "", "output": "Hi"},
     ] * 5
     templates = {"prompt": "{{ instruction }}{% if input %}\n\n{{ input }}{% endif %}", "completion": "{{ output }}"}
-    splits = load(tmp_path, write_jsonl(tmp_path / "alpaca.jsonl", rows), templates=templates, valid_fraction=0.5, test_fraction=0)
+    splits = load(
+        tmp_path, write_jsonl(tmp_path / "alpaca.jsonl", rows), templates=templates, valid_fraction=0.5, test_fraction=0
+    )
     prompts = {r["messages"][0]["content"] for r in all_rows(splits)}
     assert prompts == {"Name the capital.\n\nGhana", "Say hi."}
     missing = write_jsonl(tmp_path / "missing.jsonl", [{"instruction": "x", "output": "y"}])
@@ -274,7 +289,9 @@ def test_templates_are_sandboxed(tmp_path: Path) -> None:
 
 def test_schema_detected_from_the_first_row_holds_for_every_row(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "mixed.jsonl", [chat(1), {"text": "plain"}])
-    with pytest.raises(DataError, match=r"mixed\.jsonl:2: missing field 'messages' for schema chat \(detected at .*mixed\.jsonl:1\)"):
+    with pytest.raises(
+        DataError, match=r"mixed\.jsonl:2: missing field 'messages' for schema chat \(detected at .*mixed\.jsonl:1\)"
+    ):
         load(tmp_path, src)
 
 

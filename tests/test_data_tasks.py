@@ -59,7 +59,9 @@ def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(
     @flow
     def data_flow(dataset: DatasetConfig, work_dir: str, run_dir: str):
         fetched = fetch_dataset(dataset, None, work_dir)
-        state = template_dataset(fetched["directory"], str(tiny_model_dir), TemplateConfig(), "fail", work_dir, return_state=True)
+        state = template_dataset(
+            fetched["directory"], str(tiny_model_dir), TemplateConfig(), "fail", work_dir, return_state=True
+        )
         tokenized = state.result()
         report_dataset(fetched["directory"], tokenized["path"], run_dir, 4)
         return state.name, tokenized

@@ -12,15 +12,15 @@ from finetune.cli.data import app
 from finetune.config import DatasetConfig, TemplateConfig
 from finetune.data import (
     DataError,
+    Splits,
     load_splits,
     load_tokenized,
     read_tokenized,
     save_tokenized,
-    Splits,
     tokenize_splits,
     tokenized_metadata,
 )
-from finetune.data.report import build_report, REPORT_JSON, report_markdown, REPORT_MD, write_report
+from finetune.data.report import REPORT_JSON, REPORT_MD, build_report, report_markdown, write_report
 from finetune.data.templating import chat_template_of, encode_row, load_tokenizer
 
 
@@ -87,8 +87,8 @@ def test_hand_built_encodings_pack_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_reading_something_else_is_a_clear_error(tmp_path: Path) -> None:
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     other = tmp_path / "adapters.safetensors"
     save_file({"w": np.zeros(2, np.float32)}, str(other))

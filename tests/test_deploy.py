@@ -22,7 +22,6 @@ from finetune.publishing.retrain import (
     format_duration,
     last_published,
     lateness,
-    unchanged_since_last_publish,
 )
 from finetune.store import LocalStore
 from tasks.schedule import SKIPPED_STATE, nothing_changed, use_local_clone
@@ -50,18 +49,24 @@ def set_mtime(store: LocalStore, run_id: str, when: datetime) -> None:
 # ---------------------------------------------------------------- "nothing changed"
 
 
+def unchanged(store: LocalStore, dataset_version: str) -> dict | None:
+    """The last published manifest when this dataset version, the settings and the base model all equal its own."""
+    comparison = compare_with(last_published(store), dataset_version, SETTINGS.fingerprint(), BASE)
+    return comparison.previous if comparison.unchanged else None
+
+
 def test_nothing_published_means_train(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     assert last_published(store) is None
     comparison = compare_with(None, "d1", SETTINGS.fingerprint(), BASE)
     assert not comparison.unchanged and comparison.changes == ["nothing published yet"]
-    assert unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE) is None
+    assert unchanged(store, "d1") is None
 
 
 def test_unchanged_since_the_last_published_run(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     publish(store, tmp_path, "run-a")
-    previous = unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE)
+    previous = unchanged(store, "d1")
     assert previous is not None and previous["run_id"] == "run-a"
 
 
@@ -76,7 +81,9 @@ def test_unchanged_since_the_last_published_run(tmp_path: Path) -> None:
 def test_any_change_means_train(tmp_path: Path, dataset_version: str, settings: Settings, changed: str) -> None:
     store = LocalStore(tmp_path / "store")
     publish(store, tmp_path, "run-a")
-    comparison = compare_with(last_published(store), dataset_version, settings.fingerprint(), base_model_ref(settings.model))
+    comparison = compare_with(
+        last_published(store), dataset_version, settings.fingerprint(), base_model_ref(settings.model)
+    )
     assert not comparison.unchanged
     assert len(comparison.changes) == 1 + (changed == "base model")  # a new base model is also a new config
     assert any(change.startswith(changed) for change in comparison.changes)
@@ -84,8 +91,9 @@ def test_any_change_means_train(tmp_path: Path, dataset_version: str, settings: 
 
 def test_a_base_model_revision_is_a_change() -> None:
     pinned = base_model_ref(ModelConfig(path="builtin:tiny-llama", revision="abc123"))
-    comparison = compare_with({"run_id": "a", "dataset_version": "d1", "base_model": BASE,
-                               "config_fingerprint": "f"}, "d1", "f", pinned)
+    comparison = compare_with(
+        {"run_id": "a", "dataset_version": "d1", "base_model": BASE, "config_fingerprint": "f"}, "d1", "f", pinned
+    )
     assert comparison.changes == ["base model builtin:tiny-llama -> builtin:tiny-llama@abc123"]
 
 
@@ -98,8 +106,8 @@ def test_only_the_most_recent_publication_counts(tmp_path: Path) -> None:
     set_mtime(store, "run-old", now - timedelta(hours=2))
     set_mtime(store, "run-new", now - timedelta(hours=1))
     assert last_published(store)["run_id"] == "run-new"
-    assert unchanged_since_last_publish(store, "d1", SETTINGS.fingerprint(), BASE) is None
-    assert unchanged_since_last_publish(store, "d2", SETTINGS.fingerprint(), BASE)["run_id"] == "run-new"
+    assert unchanged(store, "d1") is None
+    assert unchanged(store, "d2")["run_id"] == "run-new"
 
 
 def test_same_second_publications_are_ordered_by_manifest_time(tmp_path: Path) -> None:
@@ -230,7 +238,9 @@ def test_serve_builds_the_same_deployments() -> None:
     nightly = served["retrain-nightly"]
     schedule = nightly.schedules[0]
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.slug) == (
-        nightly_spec["schedules"][0]["cron"], nightly_spec["schedules"][0]["timezone"], "nightly"
+        nightly_spec["schedules"][0]["cron"],
+        nightly_spec["schedules"][0]["timezone"],
+        "nightly",
     )
     assert nightly.parameters == nightly_spec["parameters"]
     assert nightly.triggers[0].expect == {"finetune.dataset.updated"}

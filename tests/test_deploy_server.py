@@ -41,14 +41,14 @@ from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled, Running, Scheduled
+from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
 
 from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
-from finetune.train.blas import openblas_library  # noqa: E402
-from finetune.config import load_settings, StorageConfig  # noqa: E402
+from finetune.config import StorageConfig, load_settings  # noqa: E402
 from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
 from finetune.store import open_store  # noqa: E402
-from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
+from finetune.train.blas import openblas_library  # noqa: E402
 from tasks.schedule import TRAINING_SLOT_ENV, training_slot  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,11 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 BUCKET = "finetune-deploy-e2e"
 PREFIX = "ft"
 # Marker credentials: moto accepts anything, and a leak would be easy to spot.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIADEPLOYTESTMARKER", "AWS_SECRET_ACCESS_KEY": "deploy-test-secret-marker",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIADEPLOYTESTMARKER",
+    "AWS_SECRET_ACCESS_KEY": "deploy-test-secret-marker",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 TIMINGS: dict[str, float] = {}
 T = TypeVar("T")
 
@@ -93,7 +96,12 @@ def wait_final(run_id: UUID, timeout: float) -> FlowRun:
 
 def run_cli(server: PrefectServer, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PREFECT, *args], env=server.env(**env), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [PREFECT, *args],
+        env=server.env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -188,8 +196,12 @@ def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
     TIMINGS["server start (fresh database)"] = prefect_server.startup_seconds
     started = time.monotonic()
     provision = subprocess.run(
-        [sys.executable, "-m", "deployments.provision"], env=prefect_server.env(), cwd=REPO,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "deployments.provision"],
+        env=prefect_server.env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert provision.returncode == 0, provision.stdout + provision.stderr
     assert "work pool mac-mlx: created (process)" in provision.stdout
@@ -199,7 +211,9 @@ def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
     assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
     TIMINGS["prefect deploy --all"] = time.monotonic() - started
     with client() as c:
-        return {name: c.read_deployment_by_name(f"finetune-pipeline/{name}").id for name in ("finetune", "retrain-nightly")}
+        return {
+            name: c.read_deployment_by_name(f"finetune-pipeline/{name}").id for name in ("finetune", "retrain-nightly")
+        }
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +230,12 @@ def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_f
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", "mac-mlx", "--type", "process", "--limit", "1"],
-            env=prefect_server.env(**extra), cwd=clone, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            env=prefect_server.env(**extra),
+            cwd=clone,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def online() -> bool:
@@ -246,8 +264,9 @@ def first_run(worker, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_
     work = tmp_path_factory.mktemp("work")
     params = parameters(work, "e2e-first", s3_endpoint)
     started = time.monotonic()
-    run = run_cli(prefect_server, "deployment", "run", "finetune-pipeline/finetune", *param_args(params), "--watch",
-                  timeout=900)
+    run = run_cli(
+        prefect_server, "deployment", "run", "finetune-pipeline/finetune", *param_args(params), "--watch", timeout=900
+    )
     TIMINGS["deployment run --watch (wall)"] = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1))
@@ -265,12 +284,15 @@ def test_dataset_updated_event_creates_a_retrain_run(deployed, api: PrefectServe
             return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly])))
 
     assert runs() == []
-    other = Event(event="finetune.dataset.updated", resource={"prefect.resource.id": "finetune.dataset.s3://other/x.jsonl"})
+    other = Event(
+        event="finetune.dataset.updated", resource={"prefect.resource.id": "finetune.dataset.s3://other/x.jsonl"}
+    )
     with client() as c:
         c.request("POST", "/events", json=[other.model_dump(mode="json")]).raise_for_status()
     started = time.monotonic()
-    emit = run_cli(api, "event", "emit", "finetune.dataset.updated",
-                   "--resource-id", "finetune.dataset.builtin:capitals")
+    emit = run_cli(
+        api, "event", "emit", "finetune.dataset.updated", "--resource-id", "finetune.dataset.builtin:capitals"
+    )
     assert emit.returncode == 0, emit.stdout + emit.stderr
     try:
         created = wait_for(runs, 60, "the automation to create a retrain-nightly run", interval=0.5)
@@ -295,7 +317,10 @@ def test_deployments_are_stored_as_written(deployed, api: PrefectServer) -> None
         automations = c.read_automations()
     (schedule,) = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.slug, schedule.active) == (
-        "30 2 * * *", "Europe/Berlin", "nightly", True
+        "30 2 * * *",
+        "Europe/Berlin",
+        "nightly",
+        True,
     )
     assert on_demand.schedules == []
     for deployment in (nightly, on_demand):
@@ -353,10 +378,13 @@ def test_flow_run_sends_heartbeats(first_run, api) -> None:
 
     def heartbeats() -> int:
         with client() as c:
-            page = c.read_events(EventFilter(
-                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                resource=EventResourceFilter(id=[f"prefect.flow-run.{first_run['id']}"]),
-            ), limit=10)  # the client's default (100) is above the server's maximum (50)
+            page = c.read_events(
+                EventFilter(
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{first_run['id']}"]),
+                ),
+                limit=10,
+            )  # the client's default (100) is above the server's maximum (50)
         return page.total
 
     assert wait_for(heartbeats, 30, "a heartbeat event of the first run") >= 1

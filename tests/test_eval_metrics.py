@@ -14,13 +14,14 @@ from finetune.evaluation.metrics import (
     answer_metrics,
     contains_reference,
     exact_match,
+    higher_is_better,
     json_schema_validator,
     json_valid,
     normalize_answer,
+    primary_score,
     regex_pass,
     token_f1,
 )
-from finetune.evaluation.metrics import higher_is_better, primary_score
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,9 @@ def test_regex_pass_searches_unless_anchored() -> None:
 
 
 def test_json_valid_with_schema_and_fences() -> None:
-    cfg = EvaluationConfig(json_schema={"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}})
+    cfg = EvaluationConfig(
+        json_schema={"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+    )
     validator = json_schema_validator(cfg)
     assert json_valid('{"city": "Paris"}', validator) == 1.0
     assert json_valid('```json\n{"city": "Paris"}\n```', validator) == 1.0

@@ -76,7 +76,13 @@ def test_loss_plot_with_only_train_loss_and_without_losses(tmp_path: Path) -> No
 def test_comparison_rows_are_side_by_side_in_reading_order() -> None:
     rows = comparison_rows(make_report())
     assert [r["metric"] for r in rows] == ["validation loss *", "validation perplexity", "exact match", "token F1"]
-    assert rows[0] == {"metric": "validation loss *", "better": "lower", "base": "6.5000", "champion": "2.0000", "candidate": "1.5000"}
+    assert rows[0] == {
+        "metric": "validation loss *",
+        "better": "lower",
+        "base": "6.5000",
+        "champion": "2.0000",
+        "candidate": "1.5000",
+    }
     assert list(rows[0]) == ["metric", "better", "base", "champion", "candidate"]
 
 
@@ -131,8 +137,13 @@ def test_model_card(tmp_path: Path) -> None:
         assert expected in card, expected
     assert "| metric | base | candidate |" in card  # no champion column without a champion
     no_plot = model_card_markdown(
-        make_report(), base_model="builtin:tiny-llama", data_version="d", hyperparameters={}, run_id="r",
-        plot_file=None, bundle_uri="/tmp/bundle",
+        make_report(),
+        base_model="builtin:tiny-llama",
+        data_version="d",
+        hyperparameters={},
+        run_id="r",
+        plot_file=None,
+        bundle_uri="/tmp/bundle",
     )
     assert "loss_curve.png" not in no_plot
     assert "finetune tiny-model path/to/tiny-llama" in no_plot

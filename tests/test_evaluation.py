@@ -18,12 +18,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from finetune.config import load_settings, Settings
+from finetune.config import Settings, load_settings
 from finetune.data import load_splits
+from finetune.data.templating import Encoded, encode_chat, encode_prompt
 from finetune.errors import EvaluationError
 from finetune.evaluation.evaluate import EvalReport, evaluate_candidate, evaluate_loss
 from finetune.evaluation.generate import generate_answers, generate_one, load_for_eval, split_prompt_reference
-from finetune.data.templating import encode_chat, encode_prompt, Encoded
 
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 N_LAYERS = 4
@@ -72,7 +72,9 @@ def train_adapter(model_dir: Path, out: Path, examples: list[Encoded], steps: in
 
 @pytest.fixture(scope="module")
 def settings() -> Settings:
-    return load_settings(None, ["evaluation.max_examples=8", "evaluation.max_tokens=8", "evaluation.primary_metric=val_loss"])
+    return load_settings(
+        None, ["evaluation.max_examples=8", "evaluation.max_tokens=8", "evaluation.primary_metric=val_loss"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +210,13 @@ def _data(encoded) -> dict[str, list[Encoded]]:
     return {"valid": encoded["valid"][:12], "test": encoded["test"][:12]}
 
 
-def test_base_champion_candidate_see_identical_inputs(tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings):
+def test_base_champion_candidate_see_identical_inputs(
+    tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings
+):
     rows = {"test": splits.test}
-    report = evaluate_candidate(str(tiny_model_dir), good_adapter, _data(encoded), rows, settings, champion_dir=bad_adapter)
+    report = evaluate_candidate(
+        str(tiny_model_dir), good_adapter, _data(encoded), rows, settings, champion_dir=bad_adapter
+    )
     assert list(report.variants) == ["base", "champion", "candidate"]
     assert len({v.inputs_sha256 for v in report.variants.values()}) == 1
     assert report.generation_split == "test" and len(report.questions) == settings.evaluation.max_examples
@@ -252,7 +258,9 @@ def test_first_candidate_is_judged_against_the_base(tiny_model_dir, good_adapter
 # ---------------------------------------------------------------- Prefect: the evaluate stage's artifacts
 
 
-def test_evaluate_stage_publishes_artifacts(prefect_api, tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings, tmp_path):
+def test_evaluate_stage_publishes_artifacts(
+    prefect_api, tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings, tmp_path
+):
     from prefect import flow
     from prefect.artifacts import Artifact
     from prefect.context import get_run_context
@@ -272,12 +280,22 @@ def test_evaluate_stage_publishes_artifacts(prefect_api, tiny_model_dir, good_ad
     @flow
     def evaluate_stage() -> tuple[dict, list[str], str]:
         report = evaluate_adapter(
-            str(tiny_model_dir), str(good_adapter), str(tokenized), str(splits.directory), settings,
-            run_id="run-7", champion_dir=str(bad_adapter),
+            str(tiny_model_dir),
+            str(good_adapter),
+            str(tokenized),
+            str(splits.directory),
+            settings,
+            run_id="run-7",
+            champion_dir=str(bad_adapter),
         )
         paths = write_reports(
-            report, history, str(tmp_path), base_model="builtin:tiny-llama", data_version="v1",
-            hyperparameters={"lora": LORA}, run_id="run-7",
+            report,
+            history,
+            str(tmp_path),
+            base_model="builtin:tiny-llama",
+            data_version="v1",
+            hyperparameters={"lora": LORA},
+            run_id="run-7",
         )
         link_bundle("s3://bucket/runs/run-7", "run-7", report["decision"]["promote"])
         return report, paths, str(get_run_context().flow_run.id)

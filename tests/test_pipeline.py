@@ -73,7 +73,9 @@ def s3_objects(client, prefix: str) -> dict[str, bytes]:
 def test_run_publishes_a_verified_bundle(published, s3):
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="ft/runs/e2e-run/manifest.json")["Body"].read())
     objects = s3_objects(s3, "ft/runs/e2e-run/attempts/")
-    assert {"adapters.safetensors", "adapter_config.json", "chat_template.jinja", "metrics.json"} <= set(manifest["files"])
+    assert {"adapters.safetensors", "adapter_config.json", "chat_template.jinja", "metrics.json"} <= set(
+        manifest["files"]
+    )
     for name, entry in manifest["files"].items():
         data = objects["ft/" + entry["key"]]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], name
@@ -96,8 +98,16 @@ def test_generate_matches_plain_mlx_lm(published, s3):
     work, _ = published
     ref = f"s3://{BUCKET}/ft/runs/e2e-run"
     code, output = invoke(
-        "generate", "--adapter", ref, "--max-tokens", "12", "--set", f"work_dir={work / '.finetune'}",
-        "--set", f"storage.uri=s3://{BUCKET}/ft", PROMPT,
+        "generate",
+        "--adapter",
+        ref,
+        "--max-tokens",
+        "12",
+        "--set",
+        f"work_dir={work / '.finetune'}",
+        "--set",
+        f"storage.uri=s3://{BUCKET}/ft",
+        PROMPT,
     )
     assert code == 0, output
     bundles = list((work / ".finetune" / "cache" / "bundles").rglob("adapters.safetensors"))

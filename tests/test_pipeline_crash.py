@@ -32,10 +32,24 @@ def test_rerun_after_the_whole_flow_process_was_killed(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     work, store = tmp_path / "work", tmp_path / "store"
-    args = [FINETUNE, "run", "--run-id", "crashed-run",
-            "--set", f"work_dir={work}", "--set", f"storage.uri={store}",
-            "--set", "training.iters=60", "--set", "training.steps_per_checkpoint=10",
-            "--set", "training.steps_per_eval=30", "--set", "evaluation.primary_metric=val_loss"]
+    args = [
+        FINETUNE,
+        "run",
+        "--run-id",
+        "crashed-run",
+        "--set",
+        f"work_dir={work}",
+        "--set",
+        f"storage.uri={store}",
+        "--set",
+        "training.iters=60",
+        "--set",
+        "training.steps_per_checkpoint=10",
+        "--set",
+        "training.steps_per_eval=30",
+        "--set",
+        "evaluation.primary_metric=val_loss",
+    ]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     run_dir = work / "runs" / "crashed-run"
 

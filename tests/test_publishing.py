@@ -14,6 +14,7 @@ from finetune.config import StorageConfig
 from finetune.publishing import (
     AlreadyPublished,
     BundleError,
+    PublishError,
     fetch_bundle,
     gc,
     list_runs,
@@ -21,7 +22,6 @@ from finetune.publishing import (
     promote,
     promote_if_better,
     publish_run,
-    PublishError,
     read_champion,
     read_manifest,
     split_ref,
@@ -29,8 +29,11 @@ from finetune.publishing import (
 from finetune.store import file_digest, open_store
 
 BUCKET = "finetune-test"
-FIELDS = {"base_model": {"id": "tiny", "revision": None}, "dataset_version": "abc",
-          "evaluation": {"metric": "val_loss", "score": 2.0, "higher_is_better": False}}
+FIELDS = {
+    "base_model": {"id": "tiny", "revision": None},
+    "dataset_version": "abc",
+    "evaluation": {"metric": "val_loss", "score": 2.0, "higher_is_better": False},
+}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -192,7 +195,9 @@ def test_fetch_bundle_verifies_and_caches(store, cfg, tmp_path):
     # A damaged cached copy is detected and replaced.
     (out / "adapters.safetensors").write_bytes(b"\x01" * 64)
     again = fetch_bundle("runs/a", cache, cfg)
-    assert again == out and (out / "adapters.safetensors").read_bytes() == (bundle / "adapters.safetensors").read_bytes()
+    assert (
+        again == out and (out / "adapters.safetensors").read_bytes() == (bundle / "adapters.safetensors").read_bytes()
+    )
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".partial")]
 
 
@@ -262,8 +267,8 @@ def test_local_store_publish_survives_leftover_temp_files(tmp_path):
 def test_gc_aborts_old_incomplete_uploads(store, cfg, tmp_path):
     if cfg.uri.startswith("s3://"):
         client = store.client
-        started = client.create_multipart_upload(Bucket=BUCKET, Key="team/runs/x/attempts/a/adapters.safetensors")
-        other = client.create_multipart_upload(Bucket=BUCKET, Key="elsewhere/big.bin")  # outside our prefix
+        client.create_multipart_upload(Bucket=BUCKET, Key="team/runs/x/attempts/a/adapters.safetensors")
+        client.create_multipart_upload(Bucket=BUCKET, Key="elsewhere/big.bin")  # outside our prefix
         pending = lambda: {u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])}  # noqa: E731
     else:
         (tmp_path / "store" / ".tmp").mkdir(parents=True)

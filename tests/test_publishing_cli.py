@@ -82,7 +82,9 @@ def test_champion_promote_and_gc(app, populated, store_uri, tmp_path):
     young = run(app, "gc", "-c", str(config), "--older-than", "1h")
     assert young.exit_code == 0 and "deleted 0 attempt(s)" in young.output
     dry = run(app, "gc", "-c", str(config), "--older-than", "0s", "--dry-run")
-    assert "would delete attempt run-c/old" in dry.output and populated.exists("runs/run-c/attempts/old/adapters.safetensors")
+    assert "would delete attempt run-c/old" in dry.output and populated.exists(
+        "runs/run-c/attempts/old/adapters.safetensors"
+    )
     done = run(app, "gc", "-c", str(config), "--older-than", "0s")
     assert done.exit_code == 0 and "deleted 1 attempt(s), 1 object(s)" in done.output
     assert not populated.exists("runs/run-c/attempts/old/adapters.safetensors")

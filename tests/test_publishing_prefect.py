@@ -28,8 +28,14 @@ def test_publish_tasks_keep_secrets_out_of_prefect(prefect_api, moto_server, tmp
     endpoint = f"http://{moto_server[0]}:{moto_server[1]}"
     bucket = f"ft-{uuid.uuid4().hex[:12]}"
     raw_client(endpoint, key="setup").create_bucket(Bucket=bucket)
-    storage = StorageConfig(uri=f"s3://{bucket}/team", endpoint_url=endpoint, region="us-east-1",
-                            access_key_id=KEY_ID, secret_access_key=SECRET, session_token=TOKEN)
+    storage = StorageConfig(
+        uri=f"s3://{bucket}/team",
+        endpoint_url=endpoint,
+        region="us-east-1",
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET,
+        session_token=TOKEN,
+    )
     bundle = make_bundle(tmp_path / "bundle")
     report = {
         "decision": {"promote": True, "reason": "no champion yet"},

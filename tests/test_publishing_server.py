@@ -24,7 +24,7 @@ from finetune.publishing import (
     read_champion,
     read_manifest,
 )
-from finetune.store import check_reachable, open_store, StorageError, VerificationError
+from finetune.store import StorageError, VerificationError, check_reachable, open_store
 
 MAX_ATTEMPTS = 3
 STEP_ATTEMPTS = 2
@@ -54,10 +54,18 @@ def proxy(moto_server, plan, monkeypatch):
 
 def make_cfg(proxy: FaultProxy, bucket: str, **kw) -> StorageConfig:
     base = dict(
-        uri=f"s3://{bucket}/team", endpoint_url=proxy.url, region="us-east-1", addressing_style="path",
-        access_key_id="testing", secret_access_key="testing", max_attempts=MAX_ATTEMPTS,
-        step_attempts=STEP_ATTEMPTS, step_retry_wait_seconds=0, multipart_threshold_mib=5,
-        multipart_chunk_mib=5, max_concurrency=2,
+        uri=f"s3://{bucket}/team",
+        endpoint_url=proxy.url,
+        region="us-east-1",
+        addressing_style="path",
+        access_key_id="testing",
+        secret_access_key="testing",
+        max_attempts=MAX_ATTEMPTS,
+        step_attempts=STEP_ATTEMPTS,
+        step_retry_wait_seconds=0,
+        multipart_threshold_mib=5,
+        multipart_chunk_mib=5,
+        max_concurrency=2,
     )
     return StorageConfig(**{**base, **kw})
 
@@ -170,8 +178,10 @@ def test_no_secret_in_logs_output_or_objects(proxy, plan, bucket, tmp_path, capf
         list_runs(store)
         fetch_bundle(f"{store.uri}/champion", tmp_path / "cache", cfg)
         gc(store, older_than=__import__("datetime").timedelta(0))
-        for bad in (lambda: check_reachable(open_store(cfg, "s3://no-such-bucket-here")),
-                    lambda: fetch_bundle("s3://no-such-bucket-here/runs/x", tmp_path / "c2", cfg)):
+        for bad in (
+            lambda: check_reachable(open_store(cfg, "s3://no-such-bucket-here")),
+            lambda: fetch_bundle("s3://no-such-bucket-here/runs/x", tmp_path / "c2", cfg),
+        ):
             try:
                 bad()
             except StorageError as exc:
@@ -191,8 +201,14 @@ def test_no_secret_in_logs_output_or_objects(proxy, plan, bucket, tmp_path, capf
             obj = client.get_object(Bucket=name, Key=v["Key"], VersionId=v["VersionId"])
             stored.append(obj["Body"].read().decode("latin-1") + json.dumps(obj["Metadata"]))
     cached = [p.read_bytes().decode("latin-1") for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    haystacks = {"logs": records, "stdout": [out], "stderr": [err], "errors": errors, "objects": stored,
-                 "cache": cached}
+    haystacks = {
+        "logs": records,
+        "stdout": [out],
+        "stderr": [err],
+        "errors": errors,
+        "objects": stored,
+        "cache": cached,
+    }
     for where, texts in haystacks.items():
         for text in texts:
             for marker in (key_id, secret, token, "MARKER"):
@@ -214,8 +230,9 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
-                                                         "lora_parameters": params}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params})
+    )
     return out
 
 
@@ -224,8 +241,13 @@ def test_published_bundle_loads_and_generates_from_a_clean_cache(moto_server, bu
 
     name, _ = bucket
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    cfg = StorageConfig(uri=f"s3://{name}/team", endpoint_url=f"http://{moto_server[0]}:{moto_server[1]}",
-                        region="us-east-1", access_key_id="testing", secret_access_key="testing")
+    cfg = StorageConfig(
+        uri=f"s3://{name}/team",
+        endpoint_url=f"http://{moto_server[0]}:{moto_server[1]}",
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
     store = open_store(cfg)
     publish_run(store, "tiny-run", adapter, {"base_model": {"id": str(tiny_model_dir)}})
     fetched = fetch_bundle(f"s3://{name}/team/runs/tiny-run", tmp_path / "clean-cache", cfg)
@@ -253,8 +275,12 @@ def test_finetune_generate_with_an_s3_adapter(moto_server, bucket, tiny_model_di
     name, _ = bucket
     endpoint = f"http://{moto_server[0]}:{moto_server[1]}"
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    env = {"FINETUNE_STORAGE__ENDPOINT_URL": endpoint, "FINETUNE_STORAGE__REGION": "us-east-1",
-           "FINETUNE_STORAGE__ACCESS_KEY_ID": "testing", "FINETUNE_STORAGE__SECRET_ACCESS_KEY": "testing"}
+    env = {
+        "FINETUNE_STORAGE__ENDPOINT_URL": endpoint,
+        "FINETUNE_STORAGE__REGION": "us-east-1",
+        "FINETUNE_STORAGE__ACCESS_KEY_ID": "testing",
+        "FINETUNE_STORAGE__SECRET_ACCESS_KEY": "testing",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings(overrides=[f"work_dir={tmp_path / 'local-work'}"])
@@ -264,8 +290,21 @@ def test_finetune_generate_with_an_s3_adapter(moto_server, bucket, tiny_model_di
     assert expected.strip()  # something to compare
 
     clean = tmp_path / "clean-work"
-    result = CliRunner().invoke(app, ["generate", "--adapter", f"s3://{name}/team/runs/cli-run", "--model",
-                                      str(tiny_model_dir), "--max-tokens", "12", "--set", f"work_dir={clean}", prompt])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--adapter",
+            f"s3://{name}/team/runs/cli-run",
+            "--model",
+            str(tiny_model_dir),
+            "--max-tokens",
+            "12",
+            "--set",
+            f"work_dir={clean}",
+            prompt,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip() == expected.strip()
     assert list((clean / "cache" / "bundles").rglob("adapters.safetensors"))

@@ -11,20 +11,20 @@ from s3faults import raw_client
 
 from finetune.config import StorageConfig
 from finetune.store import (
-    check_reachable,
-    download_uri,
-    file_digest,
     LocalStore,
     NotFoundError,
-    open_store,
-    parse_uri,
     PreconditionFailed,
-    redact_url,
     S3Store,
-    safe_key,
     StorageError,
     UnsafeKeyError,
     VerificationError,
+    check_reachable,
+    download_uri,
+    file_digest,
+    open_store,
+    parse_uri,
+    redact_url,
+    safe_key,
 )
 
 BUCKET = "finetune-test"
@@ -162,8 +162,13 @@ def test_check_reachable_names_the_problem(aws, tmp_path):
 
 def test_check_reachable_unreachable_endpoint():
     # Port 9 on localhost refuses connections; one attempt keeps the test fast.
-    cfg = s3_cfg(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=1,
-                 access_key_id="testing", secret_access_key="testing")
+    cfg = s3_cfg(
+        endpoint_url="http://127.0.0.1:9",
+        max_attempts=1,
+        connect_timeout=1,
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
     with pytest.raises(StorageError, match="cannot connect to the endpoint"):
         check_reachable(open_store(cfg))
 
@@ -188,9 +193,7 @@ def test_when_required_mode_still_verifies_by_reading_back(aws, tmp_path):
     digest = store.put_file("f.bin", src)
     assert store.head("f.bin").crc32 is None  # nothing sent, nothing stored
     store.verify("f.bin", digest)
-    raw_client().put_object(
-        Bucket=BUCKET, Key="some/prefix/f.bin", Body=b"hellp", Metadata={"sha256": digest.sha256}
-    )
+    raw_client().put_object(Bucket=BUCKET, Key="some/prefix/f.bin", Body=b"hellp", Metadata={"sha256": digest.sha256})
     with pytest.raises(VerificationError, match="content sha256"):
         store.verify("f.bin", digest)
 

@@ -24,7 +24,7 @@ from finetune.publishing import (
     read_champion,
     read_manifest,
 )
-from finetune.store import open_store, UploadGaveUp, VerificationError
+from finetune.store import UploadGaveUp, VerificationError, open_store
 
 BUCKET = "finetune-faults"
 PREFIX = "p"
@@ -46,9 +46,15 @@ def s3(monkeypatch):
 @pytest.fixture
 def cfg(s3):
     return StorageConfig(
-        uri=f"s3://{BUCKET}/{PREFIX}", region="us-east-1", addressing_style="path",
-        max_attempts=MAX_ATTEMPTS, step_attempts=STEP_ATTEMPTS, step_retry_wait_seconds=0,
-        multipart_threshold_mib=5, multipart_chunk_mib=5, max_concurrency=2,
+        uri=f"s3://{BUCKET}/{PREFIX}",
+        region="us-east-1",
+        addressing_style="path",
+        max_attempts=MAX_ATTEMPTS,
+        step_attempts=STEP_ATTEMPTS,
+        step_retry_wait_seconds=0,
+        multipart_threshold_mib=5,
+        multipart_chunk_mib=5,
+        max_concurrency=2,
     )
 
 

@@ -11,17 +11,17 @@ import pytest
 
 from finetune.config import TemplateConfig
 from finetune.data.templating import (
-    chat_template_of,
     CHATML_TEMPLATE,
+    Encoded,
+    TemplateError,
+    chat_template_of,
     encode_chat,
     encode_prompt,
     encode_row,
-    Encoded,
     hf_tokenizer,
     load_tokenizer,
     render,
     template_fingerprint,
-    TemplateError,
     tokenizer_fingerprint,
 )
 
@@ -135,7 +135,8 @@ def test_encode_row_handles_chat_and_text_rows(tokenizer) -> None:
 
 def test_tools_reach_the_chat_template(tokenizer) -> None:
     cfg = TemplateConfig(
-        chat_template="{% if tools %}TOOLS:{{ tools | map(attribute='name') | join(',') }}\n{% endif %}" + CHATML_TEMPLATE
+        chat_template="{% if tools %}TOOLS:{{ tools | map(attribute='name') | join(',') }}\n{% endif %}"
+        + CHATML_TEMPLATE
     )
     enc = encode_row(tokenizer, {"messages": MULTI_TURN[1:3], "tools": [{"name": "lookup_capital"}]}, cfg)
     assert hf_tokenizer(tokenizer).decode(enc.input_ids).startswith("TOOLS:lookup_capital\n")

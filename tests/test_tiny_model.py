@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx_lm
 import pytest
 
-from finetune.fsutil import file_digest
 from finetune.errors import ModelError
+from finetune.fsutil import file_digest
 from finetune.model.resolve import resolve_model
 from finetune.model.tiny import build_tiny_model
 

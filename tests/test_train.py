@@ -5,28 +5,37 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
-import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import write_tokenized
 from mlx.utils import tree_flatten
 
-from finetune.train import batching
-from finetune.train.child import run_training_child
-from conftest import write_tokenized
 from finetune.config import load_settings
 from finetune.data import load_splits
-from finetune.data.templating import encode_chat, Encoded
+from finetune.data.templating import Encoded, encode_chat
 from finetune.errors import FingerprintMismatch, TrainingError
-from finetune.layout import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG, ADAPTER_FILE, TRAIN_EVENTS_FILE as METRICS_FILE
-from finetune.train.trainer import train, Trainer
+from finetune.layout import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG
+from finetune.layout import ADAPTER_FILE
+from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.train import batching
+from finetune.train.child import run_training_child
+from finetune.train.trainer import Trainer, train
 
-SHORT = ["training.iters=4", "training.batch_size=4", "training.steps_per_eval=2", "training.steps_per_checkpoint=2",
-         "training.steps_per_report=1", "training.warmup_steps=1", "lora.rank=4"]
+SHORT = [
+    "training.iters=4",
+    "training.batch_size=4",
+    "training.steps_per_eval=2",
+    "training.steps_per_checkpoint=2",
+    "training.steps_per_report=1",
+    "training.warmup_steps=1",
+    "lora.rank=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +49,10 @@ def tokenizer(tiny_model_dir):
 def demo_data(tokenizer) -> dict[str, list[Encoded]]:
     settings = load_settings()
     splits = load_splits(settings.dataset)
-    return {split: [encode_chat(tokenizer, r["messages"], settings.template) for r in getattr(splits, split)]
-            for split in ("train", "valid")}
+    return {
+        split: [encode_chat(tokenizer, r["messages"], settings.template) for r in getattr(splits, split)]
+        for split in ("train", "valid")
+    }
 
 
 @pytest.fixture
@@ -136,7 +147,9 @@ def test_nan_rows_in_training_are_skipped_and_logged_adapter_stays_finite(tiny_m
     weights["model.embed_tokens.weight"] = mx.array(emb)
     mx.save_safetensors(str(model_dir / "model.safetensors"), weights)
     train_rows = list(small_data["train"])
-    train_rows[0] = Encoded(train_rows[0].input_ids[:2] + [poison_id] + train_rows[0].input_ids[3:], train_rows[0].loss_mask)
+    train_rows[0] = Encoded(
+        train_rows[0].input_ids[:2] + [poison_id] + train_rows[0].input_ids[3:], train_rows[0].loss_mask
+    )
     train_rows.append(Encoded([1, 2], [0, 0]))  # no target: dropped by the data check
     data = {"train": train_rows, "valid": small_data["valid"]}
 
@@ -180,8 +193,12 @@ def test_fingerprint_mismatch_refuses_to_resume_and_fresh_starts_over(tiny_model
     assert again.resumed_from == 4 and again.steps == 4
 
     # Operational fields do not count as a different run.
-    same = train(load_settings(None, [*SHORT, "training.steps_per_report=3", "training.retries=5"]), str(tiny_model_dir),
-                 small_data, run)
+    same = train(
+        load_settings(None, [*SHORT, "training.steps_per_report=3", "training.retries=5"]),
+        str(tiny_model_dir),
+        small_data,
+        run,
+    )
     assert same.resumed_from == 4
 
     with pytest.raises(FingerprintMismatch, match="config"):
@@ -190,8 +207,9 @@ def test_fingerprint_mismatch_refuses_to_resume_and_fresh_starts_over(tiny_model
     with pytest.raises(FingerprintMismatch, match="data"):
         train(load_settings(None, SHORT), str(tiny_model_dir), other_data, run)
 
-    fresh = train(load_settings(None, [*SHORT, "training.learning_rate=0.01"]), str(tiny_model_dir), small_data, run,
-                  fresh=True)
+    fresh = train(
+        load_settings(None, [*SHORT, "training.learning_rate=0.01"]), str(tiny_model_dir), small_data, run, fresh=True
+    )
     assert fresh.resumed_from is None and fresh.steps == 4
 
 
@@ -202,8 +220,17 @@ def test_epochs_early_stopping_and_final_adapter_choice(tiny_model_dir, small_da
     assert result.steps == 6
 
     # A learning rate this large makes validation loss worse after the first evaluation: patience 1 stops.
-    settings = load_settings(None, [*SHORT, "training.iters=40", "training.learning_rate=3.0", "training.grad_clip=null",
-                                    "training.warmup_steps=0", "training.early_stopping_patience=1"])
+    settings = load_settings(
+        None,
+        [
+            *SHORT,
+            "training.iters=40",
+            "training.learning_rate=3.0",
+            "training.grad_clip=null",
+            "training.warmup_steps=0",
+            "training.early_stopping_patience=1",
+        ],
+    )
     result = train(settings, str(tiny_model_dir), small_data, tmp_path / "early")
     assert result.stopped_early and result.steps < 40
     config = json.loads((result.adapter_dir / ADAPTER_CONFIG).read_text())

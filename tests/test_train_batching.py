@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.train import batching
 from finetune.data.templating import Encoded
+from finetune.train import batching
 
 
 def rows_of(lengths: list[int]) -> list[Encoded]:
@@ -52,11 +52,16 @@ def test_bucketing_pads_far_less_than_unsorted_batches():
     lengths = mixed_lengths()
     rows = rows_of(lengths)
     widths = batching.pad_widths(511)
-    bucketed = [batching.collate([rows[i] for i in b], widths)
-                for b in batching.epoch_batches(lengths, 8, seed=0, epoch=0, window_batches=64)]
+    bucketed = [
+        batching.collate([rows[i] for i in b], widths)
+        for b in batching.epoch_batches(lengths, 8, seed=0, epoch=0, window_batches=64)
+    ]
     order = np.random.default_rng(0).permutation(len(rows))
-    unsorted = [batching.collate([rows[i] for i in order[s:s + 8]], widths) for s in range(0, 400, 8)]
-    ours, theirs = batching.padding_stats(bucketed)["padded_fraction"], batching.padding_stats(unsorted)["padded_fraction"]
+    unsorted = [batching.collate([rows[i] for i in order[s : s + 8]], widths) for s in range(0, 400, 8)]
+    ours, theirs = (
+        batching.padding_stats(bucketed)["padded_fraction"],
+        batching.padding_stats(unsorted)["padded_fraction"],
+    )
     assert ours < 0.15 and theirs > 0.4, (ours, theirs)
     assert len({b.width for b in bucketed}) <= 24
 

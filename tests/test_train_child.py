@@ -13,15 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from finetune.train import blas
-from finetune.errors import TrainingChildError
-from finetune.train.child import run_training_child
 from finetune.config import load_settings
-from finetune.errors import TrainingError
+from finetune.errors import TrainingChildError, TrainingError
+from finetune.train import blas
+from finetune.train.child import run_training_child
 
 # Long enough that the tests below always interrupt it mid-run.
-LONG = ["training.iters=100000", "training.batch_size=4", "training.steps_per_report=1", "training.steps_per_eval=100000",
-        "training.steps_per_checkpoint=5", "lora.rank=4"]
+LONG = [
+    "training.iters=100000",
+    "training.batch_size=4",
+    "training.steps_per_report=1",
+    "training.steps_per_eval=100000",
+    "training.steps_per_checkpoint=5",
+    "lora.rank=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,9 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 def test_unreadable_data_file_is_a_training_error(tiny_model_dir, tmp_path):
     (tmp_path / "data.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(TrainingError, match="data.safetensors"):
-        run_training_child(load_settings(), str(tiny_model_dir), tmp_path / "data.safetensors", tmp_path, lambda _: None)
+        run_training_child(
+            load_settings(), str(tiny_model_dir), tmp_path / "data.safetensors", tmp_path, lambda _: None
+        )
 
 
 def test_log_says_which_blas(tiny_model_dir, data_path, tmp_path, monkeypatch):
@@ -88,7 +95,9 @@ def test_child_killed_from_outside_is_a_crash_naming_the_signal(tiny_model_dir, 
 def test_timeout_kills_the_child(tiny_model_dir, data_path, tmp_path):
     started = time.monotonic()
     with pytest.raises(TrainingChildError, match="timeout of 4 s"):
-        run_training_child(load_settings(None, LONG), str(tiny_model_dir), data_path, tmp_path, lambda _: None, timeout=4)
+        run_training_child(
+            load_settings(None, LONG), str(tiny_model_dir), data_path, tmp_path, lambda _: None, timeout=4
+        )
     assert time.monotonic() - started < 30
     assert child_pids(tmp_path) == []
 
@@ -99,8 +108,15 @@ def test_interrupt_kills_the_process_group_promptly(tiny_model_dir, data_path, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_training_child(load_settings(None, LONG), str(tiny_model_dir), data_path, tmp_path, lambda _: None,
-                           on_event=on_event, progress_interval=0)
+        run_training_child(
+            load_settings(None, LONG),
+            str(tiny_model_dir),
+            data_path,
+            tmp_path,
+            lambda _: None,
+            on_event=on_event,
+            progress_interval=0,
+        )
     assert child_pids(tmp_path) == []
 
 

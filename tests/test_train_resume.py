@@ -10,15 +10,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from finetune.train import checkpoints
-from finetune.errors import TrainingChildError
-from finetune.train.child import run_training_child
 from conftest import write_tokenized
+
 from finetune.config import load_settings
 from finetune.data import load_splits
 from finetune.data.templating import encode_chat
-from finetune.layout import ADAPTER_FILE, TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.errors import TrainingChildError
+from finetune.layout import ADAPTER_FILE
+from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.train import checkpoints
+from finetune.train.child import run_training_child
 
 ITERS = 12
 # Dropout and gradient accumulation make the run depend on the RNG and on the micro-batch cursor.
@@ -63,7 +64,13 @@ def train_child(model: Path, data: Path, run_dir: Path, kill_after_step: int | N
             raise KillAt(event["step"])
 
     return run_training_child(
-        load_settings(None, OVERRIDES), str(model), data, run_dir, lambda _: None, on_event=on_event, progress_interval=0
+        load_settings(None, OVERRIDES),
+        str(model),
+        data,
+        run_dir,
+        lambda _: None,
+        on_event=on_event,
+        progress_interval=0,
     )
 
 
@@ -90,7 +97,9 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, data_path, tmp_
 
     # Resume until it dies inside the next checkpoint write: the previous checkpoint must stay loadable.
     before = checkpoints.latest_valid(run / "checkpoints")
-    assert before is not None and before.step >= (second - 1) // 2 * 2  # the step-`second` event precedes its checkpoint
+    assert (
+        before is not None and before.step >= (second - 1) // 2 * 2
+    )  # the step-`second` event precedes its checkpoint
     monkeypatch.setenv(checkpoints.FAILPOINT_ENV, f"checkpoint-optimizer:{before.step + 2}")
     with pytest.raises(TrainingChildError, match="SIGKILL"):
         train_child(tiny_model_dir, data_path, run)
@@ -120,8 +129,11 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, data_path, tmp_
     for name in ours:
         assert np.array_equal(ours[name], theirs[name]), name
     final = f"step-{ITERS:07d}"
-    assert tensors(run / "checkpoints" / final / "optimizer.safetensors").keys() == tensors(
-        tmp_path / "reference" / "checkpoints" / final / "optimizer.safetensors"
-    ).keys()
+    assert (
+        tensors(run / "checkpoints" / final / "optimizer.safetensors").keys()
+        == tensors(tmp_path / "reference" / "checkpoints" / final / "optimizer.safetensors").keys()
+    )
     for name, value in tensors(run / "checkpoints" / final / "optimizer.safetensors").items():
-        assert np.array_equal(value, tensors(tmp_path / "reference" / "checkpoints" / final / "optimizer.safetensors")[name])
+        assert np.array_equal(
+            value, tensors(tmp_path / "reference" / "checkpoints" / final / "optimizer.safetensors")[name]
+        )

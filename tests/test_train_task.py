@@ -16,8 +16,15 @@ from finetune.errors import TrainingError
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ["training.iters=12", "training.batch_size=4", "training.steps_per_checkpoint=4", "training.steps_per_eval=6",
-             "training.retries=1", "training.retry_delay_seconds=0", "lora.rank=4"]
+OVERRIDES = [
+    "training.iters=12",
+    "training.batch_size=4",
+    "training.steps_per_checkpoint=4",
+    "training.steps_per_eval=6",
+    "training.retries=1",
+    "training.retry_delay_seconds=0",
+    "lora.rank=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +104,9 @@ def test_pipeline_survives_a_killed_training_child(prefect_api, tmp_path):
     killer, killed = kill_child_after_checkpoint(run_dir, timeout=300)
     storage = StorageConfig(uri=str(tmp_path / "store"))
     finetune_pipeline(
-        training=TrainingConfig(iters=12, batch_size=4, steps_per_checkpoint=4, steps_per_eval=6, retries=1,
-                                retry_delay_seconds=0),
+        training=TrainingConfig(
+            iters=12, batch_size=4, steps_per_checkpoint=4, steps_per_eval=6, retries=1, retry_delay_seconds=0
+        ),
         evaluation=EvaluationConfig(max_examples=4),
         storage=storage,
         work_dir=str(work),

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -169,9 +168,12 @@ class EvaluationConfig(Section):
         description="Absolute bounds the candidate must meet to be promoted: at least the value for scores "
         "(exact_match: 0.5), at most for losses (val_loss: 2.0). Non-finite metrics always fail.",
     )
-    answer_regex: str | None = Field(None, description="regex_pass: share of answers in which this pattern is found (re.search).")
+    answer_regex: str | None = Field(
+        None, description="regex_pass: share of answers in which this pattern is found (re.search)."
+    )
     json_schema: dict[str, Any] | Path | None = Field(
-        None, description="json_valid: share of answers that parse as JSON and satisfy this schema (inline or a .json file)."
+        None,
+        description="json_valid: share of answers that parse as JSON and satisfy this schema (inline or a .json file).",
     )
     samples_in_report: int = Field(5, ge=0, description="Example generations shown next to their references.")
 
@@ -213,7 +215,8 @@ class StorageConfig(Section):
     multipart_chunk_mib: int = Field(16, ge=5, description="Part size (S3 minimum 5 MiB).")
     max_concurrency: int = Field(4, gt=0, description="Parallel part uploads/downloads per file.")
     step_attempts: int = Field(
-        3, gt=0,
+        3,
+        gt=0,
         description="Attempts of a whole publish step for what the SDK does not retry "
         "(409 conflicts, failed verification, an upload that gave up).",
     )
@@ -262,7 +265,9 @@ class Settings(BaseSettings):
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration without secrets, for manifests, logs and fingerprints."""
-        data = self.model_dump(mode="json", exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}})
+        data = self.model_dump(
+            mode="json", exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}}
+        )
         return data
 
     def fingerprint(self, *sections: str) -> str:

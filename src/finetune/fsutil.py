@@ -31,10 +31,6 @@ class FileDigest:
     sha256: str
     crc32: str
 
-    @classmethod
-    def of_bytes(cls, data: bytes) -> FileDigest:
-        return digest_chunks([data])
-
 
 def digest_chunks(chunks: Iterable[bytes]) -> FileDigest:
     """sha256 and CRC32 of a stream in one pass."""
@@ -95,19 +91,25 @@ def atomic_dir(path: Path | str, *, replace: bool = True) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if path.exists() and not replace:
-            return
-        if path.exists():
-            discard_dir(path)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if replace or not path.exists():  # else another process just installed the same content
-                raise
-        fsync_dir(path.parent)
+        install_dir(tmp, path, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_dir(tmp: Path, path: Path, *, replace: bool = True) -> Path:
+    """Rename the finished directory ``tmp`` to ``path`` (see :func:`atomic_dir` for ``replace``)."""
+    fsync_dir(tmp)
+    if path.exists() and not replace:
+        return path
+    if path.exists():
+        discard_dir(path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if replace or not path.exists():  # else another process just installed the same content
+            raise
+    fsync_dir(path.parent)
+    return path
 
 
 def discard_dir(path: Path) -> None:

@@ -54,7 +54,9 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def check_run_id(run_id: str) -> str:
     """A run id is one safe path segment and one safe key segment."""
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise PublishError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, not starting with '.')")
+        raise PublishError(
+            f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, not starting with '.')"
+        )
     return run_id
 
 

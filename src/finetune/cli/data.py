@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,10 +18,12 @@ def data() -> None:
 
 @app.command("check")
 def check(
-    source: Annotated[str, typer.Argument(help="Path, file://, s3://, https:// or hf: dataset (overrides dataset.source).")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    source: Annotated[
+        str, typer.Argument(help="Path, file://, s3://, https:// or hf: dataset (overrides dataset.source).")
+    ],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
     ] = None,
     keep_going: Annotated[
         bool, typer.Option("--keep-going", help="List every bad row instead of stopping at the first.")
@@ -31,7 +33,7 @@ def check(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of Markdown.")] = False,
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Also write data_report.md and data_report.json to this directory.")
+        Path | None, typer.Option("--out", help="Also write data_report.md and data_report.json to this directory.")
     ] = None,
 ) -> None:
     """Validate every row and print the data report; exit 1 if rows had to be skipped, 2 on an error."""

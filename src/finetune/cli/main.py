@@ -6,8 +6,9 @@ import functools
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,9 +23,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
 ]
 
@@ -58,8 +59,12 @@ DEMO_BANNER = (
 @app.command()
 @user_errors
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Run directories, caches and the built tiny model.")] = Path(".finetune"),
-    store: Annotated[str, typer.Option(help="Where to publish: a directory, file://… or s3://bucket/prefix.")] = "finetune-store",
+    work_dir: Annotated[Path, typer.Option(help="Run directories, caches and the built tiny model.")] = Path(
+        ".finetune"
+    ),
+    store: Annotated[
+        str, typer.Option(help="Where to publish: a directory, file://… or s3://bucket/prefix.")
+    ] = "finetune-store",
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option(help="Train again even if nothing changed since the last demo run.")] = False,
 ) -> None:
@@ -76,9 +81,13 @@ def demo(
 def run(
     config: ConfigOption = None,
     overrides: SetOption = None,
-    run_id: Annotated[Optional[str], typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
-    force: Annotated[bool, typer.Option(help="Train even if data, model and config equal the last published run's.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Train even if data, model and config equal the last published run's.")
+    ] = False,
 ) -> None:
     """Run the pipeline (fetch, template, train, evaluate, publish) on your configuration."""
     settings = settings_from(config, overrides)
@@ -90,7 +99,9 @@ def run(
 def train(
     config: ConfigOption = None,
     overrides: SetOption = None,
-    run_id: Annotated[Optional[str], typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
 ) -> None:
     """Run the training stage alone (fetch, template, train) without Prefect; prints the adapter path."""
@@ -125,8 +136,10 @@ def evaluate(
 @user_errors
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
-    adapter: Annotated[Optional[str], typer.Option(help="Bundle directory, <store>/runs/<run_id> or <store>/champion.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the bundle was trained on).")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Bundle directory, <store>/runs/<run_id> or <store>/champion.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one the bundle was trained on).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens.")] = 64,
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -135,7 +148,9 @@ def generate(
     from finetune.pipeline.stages import generate_text
 
     settings = settings_from(config, overrides)
-    answer = generate_text(settings, prompt, adapter, model, max_tokens, on_text=lambda piece: print(piece, end="", flush=True))
+    answer = generate_text(
+        settings, prompt, adapter, model, max_tokens, on_text=lambda piece: print(piece, end="", flush=True)
+    )
     print()
     if not answer:
         console.print("(no text: the model ended its turn at once; the tiny demo model often does)", highlight=False)
@@ -181,7 +196,11 @@ def print_summary(result: dict) -> None:
         verdict = "unchanged"
     out.print(f"champion: {verdict} ({result['promotion_reason']})", highlight=False)
     out.print("try it:", highlight=False)
-    out.print(f"  {command_name()} generate --adapter {result['bundle_uri']} 'What is the capital of France?'", highlight=False, soft_wrap=True)
+    out.print(
+        f"  {command_name()} generate --adapter {result['bundle_uri']} 'What is the capital of France?'",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def command_name() -> str:

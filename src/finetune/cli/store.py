@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -87,8 +87,14 @@ def runs_list(config: ConfigOption = None, overrides: SetOption = None, as_json:
         table.add_column(column)
     for s in summaries:
         table.add_row(
-            "*" if s.champion else "", s.run_id, s.created or "", "published" if s.published else "unpublished",
-            s.metric or "", "" if s.score is None else f"{s.score:.4g}", _size(s.size), str(s.attempts),
+            "*" if s.champion else "",
+            s.run_id,
+            s.created or "",
+            "published" if s.published else "unpublished",
+            s.metric or "",
+            "" if s.score is None else f"{s.score:.4g}",
+            _size(s.size),
+            str(s.attempts),
         )
     Console(soft_wrap=True).print(table)
 
@@ -142,7 +148,9 @@ def promote(
 
 
 def gc(
-    older_than: Annotated[str, typer.Option("--older-than", help="Minimum age of an attempt to delete, e.g. 7d, 12h.")] = "7d",
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Minimum age of an attempt to delete, e.g. 7d, 12h.")
+    ] = "7d",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -156,8 +164,10 @@ def gc(
     verb = "would delete" if dry_run else "deleted"
     for attempt in report.deleted_attempts:
         typer.echo(f"{verb} attempt {attempt}")
-    typer.echo(f"{verb} {len(report.deleted_attempts)} attempt(s), {report.deleted_objects} object(s); "
-               f"kept {report.kept_attempts}; aborted {report.aborted_uploads} incomplete upload(s)")
+    typer.echo(
+        f"{verb} {len(report.deleted_attempts)} attempt(s), {report.deleted_objects} object(s); "
+        f"kept {report.kept_attempts}; aborted {report.aborted_uploads} incomplete upload(s)"
+    )
 
 
 def _size(n: int) -> str:

@@ -92,7 +92,9 @@ def _zip_members(archive: Path, dest: Path, label: str):
             # Unix type bits, when present (many zip writers store permissions only).
             kind = stat.S_IFMT(info.external_attr >> 16)
             if kind and kind != stat.S_IFREG:
-                raise DataError(f"{label}: member {info.filename!r} is a link or special file; only regular files are extracted")
+                raise DataError(
+                    f"{label}: member {info.filename!r} is a link or special file; only regular files are extracted"
+                )
             yield info.filename, info.file_size, lambda i=info: zf.open(i)
 
 

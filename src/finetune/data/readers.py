@@ -85,7 +85,9 @@ def _read_json(src: SourceFile, cfg: DatasetConfig) -> Iterator[Record]:
     else:
         lists = [(k, v) for k, v in document.items() if isinstance(v, list)] if isinstance(document, dict) else []
         if len(lists) != 1:
-            raise DataError(f"{src.label}: expected a JSON array of rows, or an object holding exactly one list of rows")
+            raise DataError(
+                f"{src.label}: expected a JSON array of rows, or an object holding exactly one list of rows"
+            )
         key, items = lists[0]
     for i, item in enumerate(items):
         yield f"{src.label}: {key}[{i}]", item

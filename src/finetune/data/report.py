@@ -55,9 +55,9 @@ def _row_overlaps(splits: Splits) -> dict[str, Any]:
             duplicates[name] += key in rows[name]
             rows[name].add(key)
             prompts[name].add(_prompt_key(line))
-    overlap = {
-        f"{name}_rows_in_train": len(rows[name] & rows["train"]) for name in ("valid", "test")
-    } | {f"{name}_prompts_in_train": len(prompts[name] & prompts["train"]) for name in ("valid", "test")}
+    overlap = {f"{name}_rows_in_train": len(rows[name] & rows["train"]) for name in ("valid", "test")} | {
+        f"{name}_prompts_in_train": len(prompts[name] & prompts["train"]) for name in ("valid", "test")
+    }
     return {"duplicates": duplicates, "overlap": overlap}
 
 

@@ -44,7 +44,9 @@ class Canonicalizer:
         if not isinstance(record, dict):
             raise bad_row(where, f"expected a JSON object, got {_type_name(record)}")
         schema = self.schema or self._detect(record, where)
-        row = {"chat": self._chat, "prompt_completion": self._prompt_completion, "text": self._text}[schema](record, where)
+        row = {"chat": self._chat, "prompt_completion": self._prompt_completion, "text": self._text}[schema](
+            record, where
+        )
         self.schema = schema
         return row
 
@@ -52,7 +54,11 @@ class Canonicalizer:
         return name in self.templates or self.cfg.field_map.get(name, name) in record
 
     def _detect(self, record: dict[str, Any], where: str) -> str:
-        for schema, needs in (("chat", ("messages",)), ("prompt_completion", ("prompt", "completion")), ("text", ("text",))):
+        for schema, needs in (
+            ("chat", ("messages",)),
+            ("prompt_completion", ("prompt", "completion")),
+            ("text", ("text",)),
+        ):
             if all(self._available(record, name) for name in needs):
                 self.detected_at = where
                 return schema
@@ -72,7 +78,8 @@ class Canonicalizer:
         if column not in record and required:
             mapped = f" (column {column!r})" if column != name else ""
             raise bad_row(
-                where, f"missing field {name!r}{mapped} for schema {self.schema or '?'} (detected at {self.detected_at})"
+                where,
+                f"missing field {name!r}{mapped} for schema {self.schema or '?'} (detected at {self.detected_at})",
             )
         return record.get(column)
 
@@ -116,12 +123,17 @@ def _compile_template(name: str, text: str) -> Any:
     try:
         return env.from_string(text)
     except TemplateSyntaxError as exc:
-        raise DataError(f"dataset.templates.{name}: invalid Jinja2 template ({exc.message}, line {exc.lineno})") from None
+        raise DataError(
+            f"dataset.templates.{name}: invalid Jinja2 template ({exc.message}, line {exc.lineno})"
+        ) from None
 
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
-        raise bad_row(where, f"messages must be a non-empty list, got {_type_name(messages) if messages != [] else 'an empty list'}")
+        raise bad_row(
+            where,
+            f"messages must be a non-empty list, got {_type_name(messages) if messages != [] else 'an empty list'}",
+        )
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

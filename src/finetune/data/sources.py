@@ -20,7 +20,14 @@ from finetune.errors import DataError, FetchError
 SPLITS = ("train", "valid", "test")
 BUILTIN_CAPITALS = "builtin:capitals"
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "valid": "valid",
+    "validation": "valid",
+    "val": "valid",
+    "dev": "valid",
+    "test": "test",
+}
 BOM = b"\xef\xbb\xbf"
 
 

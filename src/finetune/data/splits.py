@@ -29,7 +29,8 @@ from finetune.data.readers import read_records
 from finetune.data.schema import BadRow, BadRowError, Canonicalizer, bad_row, canonical_line
 from finetune.data.sources import SPLITS, SourceFile, discover_files, fetch_source
 from finetune.errors import DataError
-from finetune.fsutil import fsync_dir, write_bytes_atomic
+from finetune.fsutil import install_dir, write_bytes_atomic
+from finetune.layout import datasets_dir
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def load_splits(cfg: DatasetConfig, storage: StorageConfig | None = None, work_d
     removed when the returned :class:`Splits` is garbage-collected.
     """
     if work_dir is not None:
-        out_root = Path(work_dir).resolve() / "datasets"
+        out_root = datasets_dir(Path(work_dir).resolve())
         out_root.mkdir(parents=True, exist_ok=True)
         scratch_parent, owner = out_root, None
     else:
@@ -173,6 +174,7 @@ class _TempDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         weakref.finalize(self, shutil.rmtree, path, True)
+
 
 # ---------------------------------------------------------------------------- validation and splitting
 
@@ -200,7 +202,9 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, name: str) -> None:
         self.rows = open(directory / f"{name}.jsonl", "wb")
-        self.origins = open(directory / f"{name}.origins", "w", encoding="utf-8", errors="backslashreplace", newline="\n")
+        self.origins = open(
+            directory / f"{name}.origins", "w", encoding="utf-8", errors="backslashreplace", newline="\n"
+        )
         self.digest = hashlib.sha256()
         self.origin_digest = hashlib.sha256()
         self.count = 0
@@ -277,7 +281,9 @@ def _write_splits(files: Mapping[str, list[SourceFile]], cfg: DatasetConfig, out
             "version": version,
             "counts": {name: writers[name].count for name in SPLITS},
             "sources": {
-                name: ", ".join(f.label for f in files[name]) if name in files else f"carved from train (seed {cfg.split_seed})"
+                name: ", ".join(f.label for f in files[name])
+                if name in files
+                else f"carved from train (seed {cfg.split_seed})"
                 for name in SPLITS
             },
             "schema": canon.schema,
@@ -286,12 +292,15 @@ def _write_splits(files: Mapping[str, list[SourceFile]], cfg: DatasetConfig, out
         }
         for name in ("pool.jsonl", "pool.origins"):
             (tmp / name).unlink()
-        write_bytes_atomic(tmp / "splits.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
+        write_bytes_atomic(
+            tmp / "splits.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode()
+        )
         # The rows decide the version; the directory also pins where they came from (origins, skips).
         described = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
         for name in SPLITS:
             described.update(writers[name].origin_digest.digest())
-        return _publish_dir(tmp, out_root / f"{version}-{described.hexdigest()[:16]}")
+        # The name is the content, so an existing directory of that name is already complete.
+        return install_dir(tmp, out_root / f"{version}-{described.hexdigest()[:16]}", replace=False)
     finally:
         for writer in writers.values():
             writer.rows.close()
@@ -320,14 +329,3 @@ def _carve(tmp: Path, writers: dict[str, _SplitWriter], missing: list[str], cfg:
     with open(tmp / "pool.jsonl", "rb") as rows, open(tmp / "pool.origins", encoding="utf-8") as origins:
         for i, (line, where) in enumerate(zip(rows, origins)):
             targets[assignment[i]].add(line.rstrip(b"\n"), where.rstrip("\n"))
-
-
-def _publish_dir(tmp: Path, target: Path) -> Path:
-    """Move a finished directory into place; an existing one has identical contents (same name)."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "splits.json").is_file():
-            raise
-    fsync_dir(target.parent)
-    return target

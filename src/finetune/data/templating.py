@@ -171,7 +171,9 @@ def check_no_control_tokens(tokenizer: Any, texts: Iterable[str]) -> None:
     """Refuse text that spells a control token: it would be tokenized as one and break the turn structure."""
     hf = hf_tokenizer(tokenizer)
     added = getattr(hf, "added_tokens_decoder", {}) or {}
-    tokens = {str(t) for t in hf.all_special_tokens} | {t.content for t in added.values() if getattr(t, "special", False)}
+    tokens = {str(t) for t in hf.all_special_tokens} | {
+        t.content for t in added.values() if getattr(t, "special", False)
+    }
     pattern = _control_pattern(tuple(sorted(tokens)))
     for text in texts:
         match = pattern.search(text) if pattern and isinstance(text, str) else None

@@ -129,7 +129,10 @@ def _tokenize_split(
         if enc.n_targets == 0:
             stats["zero_target"] += 1
             bad_rows.add(
-                BadRow(where, f"no supervised tokens within template.max_seq_length={cfg.max_seq_length} (the prompt fills it)")
+                BadRow(
+                    where,
+                    f"no supervised tokens within template.max_seq_length={cfg.max_seq_length} (the prompt fills it)",
+                )
             )
             continue
         stats["truncated"] += int(enc.truncated)
@@ -175,7 +178,11 @@ def read_tokenized(path: Path | str) -> TokenizedData:
         for name in SPLITS
     }
     return TokenizedData(
-        metadata["version"], metadata["dataset_version"], metadata["chat_template"], splits, json.loads(metadata["stats"])
+        metadata["version"],
+        metadata["dataset_version"],
+        metadata["chat_template"],
+        splits,
+        json.loads(metadata["stats"]),
     )
 
 

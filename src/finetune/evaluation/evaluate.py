@@ -6,7 +6,6 @@ with the same templating code as training, and generation is greedy and batched
 ``mlx_lm.generate`` so that a batched answer equals a one-at-a-time answer.
 """
 
-
 from __future__ import annotations
 
 import gc
@@ -117,7 +116,9 @@ class EvalReport:
             "generation_split": self.generation_split,
             "decision": self.decision._asdict(),
             "metrics": {name: _finite_or_none(v.metrics) for name, v in self.variants.items()},
-            "variants": {name: {**asdict(v), "metrics": _finite_or_none(v.metrics)} for name, v in self.variants.items()},
+            "variants": {
+                name: {**asdict(v), "metrics": _finite_or_none(v.metrics)} for name, v in self.variants.items()
+            },
             "questions": self.questions,
             "references": self.references,
             **self.extra,
@@ -126,7 +127,16 @@ class EvalReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
         """Inverse of ``to_dict`` (non-finite metrics, stored as null, come back as NaN)."""
-        known = {"primary_metric", "higher_is_better", "generation_split", "decision", "metrics", "variants", "questions", "references"}
+        known = {
+            "primary_metric",
+            "higher_is_better",
+            "generation_split",
+            "decision",
+            "metrics",
+            "variants",
+            "questions",
+            "references",
+        }
         variants = {
             name: VariantEval(**{**v, "metrics": {k: math.nan if x is None else x for k, x in v["metrics"].items()}})
             for name, v in data["variants"].items()

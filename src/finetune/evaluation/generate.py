@@ -44,7 +44,6 @@ def check_adapter_dir(adapter_dir: Path) -> None:
         raise EvaluationError(f"adapter {adapter_dir / ADAPTER_CONFIG_FILE}: not valid JSON ({exc})") from None
 
 
-
 def split_prompt_reference(row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """A canonical chat row as (conversation before the final answer, the final answer)."""
     messages = row["messages"]

@@ -86,7 +86,6 @@ def json_schema_validator(cfg: EvaluationConfig) -> Any | None:
     return validator_for(schema)(schema)
 
 
-
 def answer_metrics(answers: Sequence[str], references: Sequence[str], cfg: EvaluationConfig) -> dict[str, float]:
     """Generation metrics averaged over examples (each in [0, 1])."""
     if len(answers) != len(references):

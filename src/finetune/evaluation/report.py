@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from finetune.evaluation.metrics import higher_is_better
 from finetune.fsutil import atomic_path
@@ -27,6 +28,8 @@ METRIC_LABELS = {
     "regex_pass": "regex check",
     "json_valid": "valid JSON",
 }
+
+
 def shown_metrics(report: EvalReport) -> list[str]:
     """Metrics in a stable reading order: losses first, then generation scores."""
     names = {m for v in report.variants.values() for m in v.metrics if not m.endswith("_tokens")}
@@ -85,10 +88,19 @@ def samples_markdown(report: EvalReport, limit: int = 5) -> str:
     """Markdown: the gate decision, then a few questions with each variant's answer and the reference."""
     verdict = "**promoted**" if report.decision.promote else "**not promoted**"
     lines = ["# Evaluation", "", f"Decision: {verdict}: {report.decision.reason}", ""]
-    lines.append(f"Primary metric: `{report.primary_metric}` ({'higher' if report.higher_is_better else 'lower'} is better)")
+    lines.append(
+        f"Primary metric: `{report.primary_metric}` ({'higher' if report.higher_is_better else 'lower'} is better)"
+    )
     lines.append("")
     for i, (question, reference) in enumerate(list(zip(report.questions, report.references))[:limit], 1):
-        lines += [f"## Example {i}", "", f"**Question:** {_md_inline(question)}", "", f"**Reference:** {_md_inline(reference)}", ""]
+        lines += [
+            f"## Example {i}",
+            "",
+            f"**Question:** {_md_inline(question)}",
+            "",
+            f"**Reference:** {_md_inline(reference)}",
+            "",
+        ]
         lines += ["| model | answer |", "|---|---|"]
         for name in ordered_variants(report):
             answer = report.variants[name].answers[i - 1]

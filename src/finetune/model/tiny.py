@@ -7,11 +7,10 @@ the tests run offline. It loads with plain ``mlx_lm.load(path)``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
+
+from finetune.fsutil import atomic_dir
 
 BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "tiny-llama"
@@ -74,9 +73,7 @@ def build_tiny_model(out_dir: Path | str, seed: int = 0) -> Path:
     from mlx_lm.models import llama
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tokenizer = _train_tokenizer()
         tokenizer.save(str(tmp / "tokenizer.json"))
         vocab_size = tokenizer.get_vocab_size()
@@ -105,11 +102,6 @@ def build_tiny_model(out_dir: Path | str, seed: int = 0) -> Path:
         weights = dict(tree_flatten(model.parameters()))
         mx.eval(weights)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

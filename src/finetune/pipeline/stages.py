@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from finetune.layout import CONFIG_FILE
 from finetune.config import Settings, TemplateConfig
 from finetune.data import (
     DataError,
@@ -16,6 +16,7 @@ from finetune.data import (
     tokenize_splits,
 )
 from finetune.data.templating import load_tokenizer
+from finetune.layout import CONFIG_FILE
 from finetune.model.resolve import resolve_model
 
 REMOTE_SCHEMES = ("s3://", "https://", "http://", "hf:", "builtin:")
@@ -88,7 +89,9 @@ def evaluate_stage(settings: Settings, adapter: str, against_champion: bool) -> 
     if against_champion and read_champion(open_store(settings.storage)) is not None:
         champion_dir = fetch_adapter(settings, f"{settings.storage.uri.rstrip('/')}/champion")
     rows = {name: list(splits.rows(name)) for name in ("valid", "test")}
-    return evaluate_candidate(model_path, adapter_dir, load_tokenized(tokens), rows, settings, champion_dir=champion_dir)
+    return evaluate_candidate(
+        model_path, adapter_dir, load_tokenized(tokens), rows, settings, champion_dir=champion_dir
+    )
 
 
 def generate_text(

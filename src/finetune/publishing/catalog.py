@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-
+from finetune.layout import RUNS_DIR
+from finetune.publishing.champion import read_champion
+from finetune.publishing.publish import read_manifest
 from finetune.store import (
     Store,
 )
 
 log = logging.getLogger(__name__)
-from finetune.publishing.champion import read_champion
-from finetune.publishing.publish import read_manifest
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,9 @@ class GcReport:
     aborted_uploads: int = 0  # incomplete multipart uploads (or local temp files) removed
 
 
-
 def _group_runs(store: Store) -> dict[str, list[Any]]:
     runs: dict[str, list[Any]] = {}
-    for info in store.list("runs/"):
+    for info in store.list(f"{RUNS_DIR}/"):
         parts = info.key.split("/")
         if len(parts) >= 3:
             runs.setdefault(parts[1], []).append(info)
@@ -54,18 +53,23 @@ def list_runs(store: Store) -> list[RunSummary]:
     summaries = []
     for run_id, infos in _group_runs(store).items():
         manifest = read_manifest(store, run_id) if any(i.key.endswith("/manifest.json") for i in infos) else None
-        attempts = {i.key.split("/")[3] for i in infos if i.key.split("/")[2] == "attempts" and len(i.key.split("/")) > 4}
+        attempts = {
+            i.key.split("/")[3] for i in infos if i.key.split("/")[2] == "attempts" and len(i.key.split("/")) > 4
+        }
         evaluation = (manifest or {}).get("evaluation") or {}
-        summaries.append(RunSummary(
-            run_id=run_id,
-            published=manifest is not None,
-            created=(manifest or {}).get("created") or min(i.last_modified for i in infos).isoformat(timespec="seconds"),
-            metric=evaluation.get("metric"),
-            score=evaluation.get("score"),
-            champion=champion is not None and champion.get("run_id") == run_id,
-            attempts=len(attempts),
-            size=sum(f["size"] for f in (manifest or {}).get("files", {}).values()),
-        ))
+        summaries.append(
+            RunSummary(
+                run_id=run_id,
+                published=manifest is not None,
+                created=(manifest or {}).get("created")
+                or min(i.last_modified for i in infos).isoformat(timespec="seconds"),
+                metric=evaluation.get("metric"),
+                score=evaluation.get("score"),
+                champion=champion is not None and champion.get("run_id") == run_id,
+                attempts=len(attempts),
+                size=sum(f["size"] for f in (manifest or {}).get("files", {}).values()),
+            )
+        )
     return sorted(summaries, key=lambda s: (s.created or "", s.run_id))
 
 

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-
 from finetune.errors import PublishError, StorageError
 from finetune.layout import CHAMPION_KEY, manifest_key
+from finetune.publishing.publish import read_manifest, run_step
 from finetune.store import (
     NotFoundError,
     PreconditionFailed,
@@ -21,7 +21,6 @@ from finetune.store import (
 )
 
 log = logging.getLogger(__name__)
-from finetune.publishing.publish import read_manifest, run_step
 
 POINTER_FORMAT = "finetune-champion/1"
 
@@ -36,7 +35,6 @@ class PromotionDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
 
 
 def read_champion(store: Store) -> dict[str, Any] | None:
@@ -87,7 +85,7 @@ def _swap_champion(store: Store, run_id: str, fields: dict[str, Any], decide: De
         }
         body = json.dumps(pointer, indent=2, sort_keys=True, allow_nan=False).encode()
 
-        def write() -> None:
+        def write(body: bytes = body, etag: str | None = etag) -> None:
             if etag is None:
                 store.put_bytes(CHAMPION_KEY, body, if_none_match=True)
             else:

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from finetune.config import StorageConfig
-from finetune.layout import ADAPTER_FILES, attempt_key, check_run_id, manifest_key, run_key
+from finetune.layout import ADAPTER_CONFIG_FILE, ADAPTER_FILES, attempt_key, check_run_id, manifest_key, run_key
+from finetune.publishing.champion import read_champion
+from finetune.publishing.publish import BundleError, bundle_files, check_bundle_name, read_manifest
 from finetune.store import (
     Store,
     UnsafeKeyError,
@@ -25,8 +26,6 @@ from finetune.store import (
 )
 
 log = logging.getLogger(__name__)
-from finetune.publishing.champion import read_champion
-from finetune.publishing.publish import BundleError, bundle_files, check_bundle_name, read_manifest
 
 _LOCAL_MANIFEST = ".manifest.json"
 _RUN_REF = re.compile(r"^(?P<store>.*?)/?runs/(?P<run>[^/]+)/?$")
@@ -60,7 +59,7 @@ def fetch_bundle(ref: str | Path, cache_dir: Path, cfg: StorageConfig) -> Path:
     """
     text = str(ref)
     local = Path(text)
-    if "://" not in text and local.is_dir() and (local / "adapter_config.json").is_file():
+    if "://" not in text and local.is_dir() and (local / ADAPTER_CONFIG_FILE).is_file():
         bundle_files(local)  # the same safety rules as a downloaded bundle
         return local
     store_part, run_id = split_ref(text)

@@ -17,7 +17,6 @@ verification, an upload that gave up), ``storage.step_attempts`` times.
 """
 
 from __future__ import annotations
-from __future__ import annotations
 
 import json
 import logging
@@ -79,7 +78,6 @@ class PublishedRun:
     reused: bool = False  # True when an identical bundle was already published by an earlier attempt
 
 
-
 def check_bundle_name(rel: str, where: str) -> str:
     """A bundle-relative file name that is safe to write anywhere and is not a pickle-format weight file."""
     try:
@@ -102,8 +100,13 @@ def run_step(store: Store, what: str, fn: Callable[[], T]) -> T:
     """Run an idempotent step, re-running it only for failures the SDK does not retry."""
 
     def note(state: Any) -> None:
-        log.warning("%s: %s; retrying the step (attempt %d of %d)", what, state.outcome.exception(),
-                    state.attempt_number + 1, store.cfg.step_attempts)
+        log.warning(
+            "%s: %s; retrying the step (attempt %d of %d)",
+            what,
+            state.outcome.exception(),
+            state.attempt_number + 1,
+            store.cfg.step_attempts,
+        )
 
     retrying = Retrying(
         stop=stop_after_attempt(store.cfg.step_attempts),
@@ -201,8 +204,9 @@ def publish_run(
 
     attempt_id = attempt_id or new_id()
     staging = attempt_key(run_id, attempt_id)
-    log.info("publishing run %s to %s (attempt %s, %d files)", run_id, store.uri_for(run_key(run_id)),
-             attempt_id, len(files))
+    log.info(
+        "publishing run %s to %s (attempt %s, %d files)", run_id, store.uri_for(run_key(run_id)), attempt_id, len(files)
+    )
     for name, path in files.items():
         key = join_key(staging, name)
 
@@ -256,5 +260,6 @@ def _existing(store: Store, run_id: str, manifest: dict[str, Any], digests: Mapp
             "content; choose a new run id"
         )
     log.info("run %s: identical bundle already published; nothing to do", run_id)
-    return PublishedRun(run_id, manifest["attempt_id"], manifest_key(run_id), store.uri_for(run_key(run_id)),
-                        manifest, reused=True)
+    return PublishedRun(
+        run_id, manifest["attempt_id"], manifest_key(run_id), store.uri_for(run_key(run_id)), manifest, reused=True
+    )

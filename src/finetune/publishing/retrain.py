@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from finetune.config import ModelConfig
-from finetune.layout import MANIFEST_FILE
+from finetune.layout import MANIFEST_FILE, RUNS_DIR
 from finetune.publishing.publish import read_manifest
 from finetune.store import Store
 
@@ -30,7 +30,8 @@ def last_published(store: Store) -> dict[str, Any] | None:
     time: one listing and one read, however many runs the store holds.
     """
     manifests = [
-        info for info in store.list("runs/")
+        info
+        for info in store.list(f"{RUNS_DIR}/")
         if info.key.count("/") == 2 and info.key.endswith("/" + MANIFEST_FILE)
     ]
     if not manifests:
@@ -38,7 +39,9 @@ def last_published(store: Store) -> dict[str, Any] | None:
     newest = max(info.last_modified for info in manifests)
     # Timestamps have one-second resolution on S3: break ties by the manifest's own creation time.
     candidates = [read_manifest(store, info.key.split("/")[1]) for info in manifests if info.last_modified == newest]
-    return max((m for m in candidates if m is not None), key=lambda m: (m.get("created", ""), m["run_id"]), default=None)
+    return max(
+        (m for m in candidates if m is not None), key=lambda m: (m.get("created", ""), m["run_id"]), default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,6 @@ def compare_with(
     if previous.get("config_fingerprint") != config_fingerprint:
         changes.append(f"configuration {_short(previous.get('config_fingerprint'))} -> {_short(config_fingerprint)}")
     return Comparison(previous, changes)
-
-
-def unchanged_since_last_publish(
-    store: Store, dataset_version: str, config_fingerprint: str, base_model: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The last published manifest if dataset version, configuration and base model all equal this run's."""
-    comparison = compare_with(last_published(store), dataset_version, config_fingerprint, base_model)
-    return comparison.previous if comparison.unchanged else None
 
 
 def nothing_changed_message(previous: dict[str, Any]) -> str:

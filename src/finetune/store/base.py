@@ -64,7 +64,6 @@ class ObjectInfo:
     crc32: str | None = None
 
 
-
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -111,8 +110,9 @@ class Store(ABC):
     cfg: StorageConfig  # retry and transfer settings for the layers above
 
     @abstractmethod
-    def put_file(self, key: str, path: Path, metadata: dict[str, str] | None = None,
-                 digest: FileDigest | None = None) -> FileDigest:
+    def put_file(
+        self, key: str, path: Path, metadata: dict[str, str] | None = None, digest: FileDigest | None = None
+    ) -> FileDigest:
         """Upload a file (multipart when large); returns its digest, which ``verify`` checks."""
 
     @abstractmethod
@@ -132,8 +132,15 @@ class Store(ABC):
         """Content and ETag for a later ``put_bytes(if_match=...)``; None if absent."""
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
-                  if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
         """Write a small object; returns its ETag. Conditional writes raise
         :class:`PreconditionFailed` (or :class:`NotFoundError` for If-Match on a missing key)."""
 
@@ -165,8 +172,6 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
-
-
 
 
 def copy_atomic(src: Path, dest: Path) -> Path:

@@ -19,7 +19,7 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
     if not uri:
         raise StorageError("storage.uri is empty")
     if uri.startswith("s3://"):
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise StorageError(f"storage.uri {uri}: missing bucket name")
@@ -31,7 +31,6 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", uri):
         raise StorageError(f"storage.uri {uri}: unsupported scheme (use a local path, file:// or s3://)")
     return "local", uri, ""
-
 
 
 def open_store(cfg: StorageConfig, uri: str | None = None) -> Store:

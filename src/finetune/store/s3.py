@@ -41,7 +41,7 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _rel(self, full: str) -> str:
-        return full[len(self.prefix) + 1:] if self.prefix else full
+        return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def _where(self) -> str:
         return f"{self.uri} (endpoint {self.endpoint})" if self.endpoint else self.uri
@@ -148,8 +148,12 @@ class S3Store(Store):
             raise err from None
 
     def put_bytes(self, key, data, *, metadata=None, if_none_match=False, if_match=None):
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key), "Body": data,
-                                "Metadata": {**(metadata or {}), "sha256": hashlib.sha256(data).hexdigest()}}
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._full(key),
+            "Body": data,
+            "Metadata": {**(metadata or {}), "sha256": hashlib.sha256(data).hexdigest()},
+        }
         if key.endswith(".json"):
             args["ContentType"] = "application/json"
         if if_none_match:
@@ -175,8 +179,14 @@ class S3Store(Store):
             if isinstance(err, NotFoundError):
                 return None
             raise err from None
-        return ObjectInfo(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"),
-                          resp.get("Metadata", {}), resp.get("ChecksumCRC32"))
+        return ObjectInfo(
+            key,
+            resp["ContentLength"],
+            resp["LastModified"],
+            resp.get("ETag"),
+            resp.get("Metadata", {}),
+            resp.get("ChecksumCRC32"),
+        )
 
     def list(self, prefix=""):
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -197,15 +207,16 @@ class S3Store(Store):
 
     def delete_many(self, keys):
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._full(k)} for k in keys[start:start + 1000]]
+            batch = [{"Key": self._full(k)} for k in keys[start : start + 1000]]
             try:
                 resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except Exception as exc:
                 raise self._error(exc, "delete", f"{len(batch)} objects") from None
             if resp.get("Errors"):
                 first = resp["Errors"][0]
-                raise StorageError(f"{self._where()}: delete {self._rel(first['Key'])}: {first.get('Code')} {first.get('Message')}")
-
+                raise StorageError(
+                    f"{self._where()}: delete {self._rel(first['Key'])}: {first.get('Code')} {first.get('Message')}"
+                )
 
     def clean_incomplete(self, before):
         aborted = 0
@@ -214,8 +225,9 @@ class S3Store(Store):
             for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"] < before:
-                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                                           UploadId=upload["UploadId"])
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                         aborted += 1
         except Exception as exc:
             raise self._error(exc, "abort incomplete uploads") from None
@@ -268,7 +280,6 @@ def s3_error(exc: BaseException, context: str) -> StorageError:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
 
 
 def s3_client(cfg: StorageConfig) -> Any:

@@ -13,8 +13,8 @@ needs the cursor (epoch, batch index) to continue with the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -85,14 +85,18 @@ def collate(rows: Sequence[Encoded], widths: Sequence[int]) -> Batch:
     )
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, window_batches: int) -> list[list[int]]:
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, window_batches: int
+) -> list[list[int]]:
     """Row indices of each batch of one epoch, deterministic in (seed, epoch).
 
     The remainder that does not fill a batch is dropped (a different remainder
     each epoch) so every training batch has the same number of rows.
     """
     if len(lengths) < batch_size:
-        raise ValueError(f"the training split has {len(lengths)} usable rows, fewer than training.batch_size={batch_size}")
+        raise ValueError(
+            f"the training split has {len(lengths)} usable rows, fewer than training.batch_size={batch_size}"
+        )
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     order = order[: len(order) - len(order) % batch_size]

@@ -17,12 +17,13 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
+from finetune.fsutil import atomic_dir, discard_dir, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ _NAME = re.compile(r"^step-(\d{7,})$")
 TMP_PREFIX = ".tmp-"
 # Fault injection for crash tests: "NAME:STEP" SIGKILLs this process at that point of that step's write.
 FAILPOINT_ENV = "FINETUNE_FAILPOINT"
-from finetune.fsutil import file_digest, fsync_dir
 
 
 class CheckpointError(RuntimeError):
@@ -86,10 +86,9 @@ def write_checkpoint(
     state: dict[str, Any],
 ) -> Checkpoint:
     """Write ``arrays`` (file stem -> tensors) and ``state`` as checkpoint ``step`` under ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
-    try:
+    # The same step written again (a resumed run that re-reached it) replaces the old copy.
+    with atomic_dir(final) as tmp:
         hashes = {}
         for stem, tensors in arrays.items():
             name = f"{stem}.safetensors"
@@ -98,23 +97,8 @@ def write_checkpoint(
             failpoint(f"checkpoint-{stem}", step)
         full_state = {**state, "format": FORMAT_VERSION, "step": step, "files": hashes}
         write_json(tmp / STATE_FILE, full_state)
-        fsync_dir(tmp)
         failpoint("checkpoint-rename", step)
-        if final.exists():
-            # Same step written again (a resumed run that re-reached it): replace the old copy.
-            discard(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Checkpoint(final, step, full_state)
-
-
-def discard(path: Path) -> None:
-    trash = path.with_name(f"{TMP_PREFIX}old-{path.name}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def verify(path: Path) -> Checkpoint:
@@ -175,7 +159,7 @@ def prune(root: Path, keep_last: int, keep_step: int | None) -> list[Path]:
     removed = []
     for path in paths:
         if path not in keep and path.name != (step_dir_name(keep_step) if keep_step is not None else None):
-            discard(path)
+            discard_dir(path)
             removed.append(path)
     return removed
 

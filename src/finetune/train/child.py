@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune.config import Settings
 from finetune.data.tokenized import load_tokenized
@@ -110,7 +111,7 @@ def run_training_child(
         for line in proc.stdout:
             line = line.rstrip("\n")
             if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX):])
+                event = json.loads(line[len(EVENT_PREFIX) :])
                 error = event if event["event"] == "error" else error
                 forward(event)
             elif line.strip():
@@ -199,7 +200,6 @@ class _Forwarder:
             self.log(text)
         if self.on_event is not None:
             self.on_event(event)
-
 
 
 # ---------------------------------------------------------------- child side

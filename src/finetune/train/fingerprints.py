@@ -13,8 +13,16 @@ from finetune.errors import FingerprintMismatch
 
 # Fields that change how a run is operated, not what it computes: editing them keeps checkpoints resumable.
 OPERATIONAL_FIELDS = frozenset(
-    {"steps_per_report", "steps_per_checkpoint", "keep_checkpoints", "retries", "retry_delay_seconds", "use_openblas",
-     "mirror_checkpoints", "mirror_every"}
+    {
+        "steps_per_report",
+        "steps_per_checkpoint",
+        "keep_checkpoints",
+        "retries",
+        "retry_delay_seconds",
+        "use_openblas",
+        "mirror_checkpoints",
+        "mirror_every",
+    }
 )
 
 

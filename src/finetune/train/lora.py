@@ -36,7 +36,11 @@ def load_model(settings: Settings, model_path: str) -> tuple[nn.Module, Any, Pat
 
 
 def lora_parameters(settings: Settings) -> dict[str, Any]:
-    params: dict[str, Any] = {"rank": settings.lora.rank, "scale": settings.lora.scale, "dropout": settings.lora.dropout}
+    params: dict[str, Any] = {
+        "rank": settings.lora.rank,
+        "scale": settings.lora.scale,
+        "dropout": settings.lora.dropout,
+    }
     if settings.lora.layer_keys is not None:
         params["keys"] = list(settings.lora.layer_keys)
     return params

@@ -8,19 +8,18 @@ A remote checkpoint commits like a local one: its state file goes last.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune.config import Settings
 from finetune.errors import StorageError
-from finetune.fsutil import fsync_dir
+from finetune.fsutil import atomic_dir
 from finetune.layout import CHECKPOINTS_DIR, checkpoints_key
 from finetune.train import checkpoints
-from finetune.train.checkpoints import STATE_FILE, TMP_PREFIX, Checkpoint, CheckpointError, discard, step_of, verify
+from finetune.train.checkpoints import STATE_FILE, Checkpoint, CheckpointError, step_of, verify
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +61,14 @@ def pull(store: Any, prefix: str, root: Path, name: str) -> Checkpoint:
     keys = remote_steps(store, prefix).get(name, [])
     if f"{prefix}/{name}/{STATE_FILE}" not in keys:
         raise CheckpointError(f"{prefix}/{name}: not in the store or not committed")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=root))
-    try:
+    with atomic_dir(root / name) as tmp:
         for key in keys:
             store.get_file(key, tmp / key.rsplit("/", 1)[1])
-        fsync_dir(tmp)
-        if (root / name).exists():
-            discard(root / name)
-        os.replace(tmp, root / name)
-        try:
-            return verify(root / name)
-        except CheckpointError:
-            shutil.rmtree(root / name, ignore_errors=True)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return verify(root / name)
+    except CheckpointError:
+        shutil.rmtree(root / name, ignore_errors=True)
+        raise
 
 
 def pull_latest(store: Any, prefix: str, root: Path) -> Checkpoint | None:
@@ -88,7 +79,6 @@ def pull_latest(store: Any, prefix: str, root: Path) -> Checkpoint | None:
         except Exception as exc:  # a broken remote copy must not stop a resume from an older one
             log.warning("skipping remote checkpoint %s/%s: %s", prefix, name, exc)
     return None
-
 
 
 class CheckpointMirror:
@@ -105,15 +95,16 @@ class CheckpointMirror:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-mirror")
 
     @classmethod
-    def open(cls, settings: Settings, run_dir: Path, log: Log, fresh: bool) -> "CheckpointMirror | None":
+    def open(cls, settings: Settings, run_dir: Path, log: Log, fresh: bool) -> CheckpointMirror | None:
         if not settings.training.mirror_checkpoints:
             return None
         from finetune.store import open_store
 
         root = run_dir / CHECKPOINTS_DIR
         try:
-            mirror = cls(open_store(settings.storage), checkpoints_key(run_dir.name), root,
-                         settings.training.mirror_every, log)
+            mirror = cls(
+                open_store(settings.storage), checkpoints_key(run_dir.name), root, settings.training.mirror_every, log
+            )
             if fresh:
                 prune_remote(mirror.store, mirror.prefix, keep=set())
             elif checkpoints.latest_valid(root) is None:

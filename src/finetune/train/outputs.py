@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ import mlx.core as mx
 
 from finetune.config import Settings
 from finetune.errors import TrainingError
-from finetune.fsutil import fsync_dir
+from finetune.fsutil import atomic_dir
 from finetune.layout import ADAPTER_CONFIG_FILE, ADAPTER_FILE, TRAIN_LOCK_FILE
 from finetune.train import checkpoints
 from finetune.train.lora import lora_parameters
@@ -24,25 +23,15 @@ from finetune.train.lora import lora_parameters
 
 def write_adapter(out_dir: Path, weights: dict[str, mx.array], settings: Settings, info: dict[str, Any]) -> Path:
     """An mlx-lm adapter directory (adapters.safetensors + adapter_config.json), replaced atomically."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    checkpoints.save_arrays(tmp / ADAPTER_FILE, weights, {"format": "mlx"})
     config = {
         "fine_tune_type": settings.lora.fine_tune_type,
         "num_layers": settings.lora.num_layers,
         "lora_parameters": lora_parameters(settings),
         **info,
     }
-    checkpoints.write_json(tmp / ADAPTER_CONFIG_FILE, config)
-    fsync_dir(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        shutil.rmtree(old)
-    os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
+    with atomic_dir(out_dir) as tmp:
+        checkpoints.save_arrays(tmp / ADAPTER_FILE, weights, {"format": "mlx"})
+        checkpoints.write_json(tmp / ADAPTER_CONFIG_FILE, config)
     return out_dir
 
 
@@ -74,8 +63,14 @@ def read_history(path: Path) -> list[dict[str, Any]]:
             continue
         entry = by_step.setdefault(
             event["step"],
-            {"step": event["step"], "train_loss": None, "val_loss": None, "lr": None, "tokens_per_sec": None,
-             "supervised_tokens_per_sec": None},
+            {
+                "step": event["step"],
+                "train_loss": None,
+                "val_loss": None,
+                "lr": None,
+                "tokens_per_sec": None,
+                "supervised_tokens_per_sec": None,
+            },
         )
         for key in ("train_loss", "val_loss", "lr", "tokens_per_sec", "supervised_tokens_per_sec"):
             if event.get(key) is not None:

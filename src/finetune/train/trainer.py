@@ -22,10 +22,11 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,8 +47,8 @@ from finetune.train.fingerprints import (
     tokenizer_fingerprint,
 )
 from finetune.train.lora import build_optimizer, load_model, step_seed
-from finetune.train.progress import ProgressWindow
 from finetune.train.outputs import read_history, rewrite_events, run_lock, write_adapter
+from finetune.train.progress import ProgressWindow
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TrainResult:
         return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainResult":
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
         return cls(**{**data, "adapter_dir": Path(data["adapter_dir"])})
 
 
@@ -87,7 +88,6 @@ class LoopState:
     evals_since_best: int = 0
     stopped_early: bool = False
     skipped_batches: int = 0
-    trained_tokens: int = 0
     supervised_tokens: int = 0
 
 
@@ -176,7 +176,9 @@ class Trainer:
         ckpt = checkpoints.latest_valid(self.ckpt_root)
         if ckpt is None:
             if checkpoints.committed(self.ckpt_root):
-                self.emit({"event": "warning", "message": f"{self.ckpt_root}: no valid checkpoint; starting from step 0"})
+                self.emit(
+                    {"event": "warning", "message": f"{self.ckpt_root}: no valid checkpoint; starting from step 0"}
+                )
             (self.run_dir / TRAIN_EVENTS_FILE).unlink(missing_ok=True)
             return None
         check_fingerprints(ckpt.state.get("fingerprints", {}), self.fingerprints, ckpt.path)
@@ -186,7 +188,9 @@ class Trainer:
             raise FingerprintMismatch(f"{ckpt.path}: adapter tensors do not match the model's LoRA layers")
         self.model.load_weights(list(adapter.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(checkpoints.load_arrays(ckpt, "optimizer").items()))
-        self.state = LoopState(**ckpt.state["loop"])
+        # Fields an older version recorded and this one dropped are ignored.
+        known = LoopState.__dataclass_fields__
+        self.state = LoopState(**{k: v for k, v in ckpt.state["loop"].items() if k in known})
         mx.eval(self.model.parameters(), self.optimizer.state)
         rewrite_events(self.run_dir / TRAIN_EVENTS_FILE, ckpt.step)
         self.emit({"event": "resume", "step": ckpt.step, "checkpoint": str(ckpt.path)})
@@ -234,7 +238,9 @@ class Trainer:
         if s.batch_index >= self.batches_per_epoch:
             s.epoch, s.batch_index = s.epoch + 1, 0
         if self._plan is None or self._plan[0] != s.epoch:
-            plan = batching.epoch_batches(self.lengths, self.t.batch_size, self.t.seed, s.epoch, self.t.sort_window_batches)
+            plan = batching.epoch_batches(
+                self.lengths, self.t.batch_size, self.t.seed, s.epoch, self.t.sort_window_batches
+            )
             self._plan = (s.epoch, plan)
         rows = [self.train_rows[i] for i in self._plan[1][s.batch_index]]
         s.batch_index += 1
@@ -345,7 +351,6 @@ class Trainer:
             batches = [self._next_batch() for _ in range(t.grad_accumulation_steps)]
             out = self.train_step(batches)
             window.add(batches, out, time.perf_counter() - tic)
-            s.trained_tokens += sum(b.n_tokens for b in batches)
             s.supervised_tokens += out["n_targets"]
             for reason in out["skipped"]:
                 s.skipped_batches += 1
@@ -353,8 +358,17 @@ class Trainer:
             if s.step % t.steps_per_report == 0 or s.step == self.total_steps:
                 elapsed = time.perf_counter() - started
                 eta = elapsed / (s.step - first_step) * (self.total_steps - s.step)
-                self.emit({"event": "train", "step": s.step, "total_steps": self.total_steps, "epoch": s.epoch,
-                           "lr": self.optimizer.learning_rate.item(), "eta_seconds": eta, **window.report()})
+                self.emit(
+                    {
+                        "event": "train",
+                        "step": s.step,
+                        "total_steps": self.total_steps,
+                        "epoch": s.epoch,
+                        "lr": self.optimizer.learning_rate.item(),
+                        "eta_seconds": eta,
+                        **window.report(),
+                    }
+                )
                 window = ProgressWindow()
             self._after_step()
         return self._finish(initial_val, resumed_from)
@@ -370,9 +384,18 @@ class Trainer:
                 s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
             else:
                 s.evals_since_best += 1
-                s.stopped_early = t.early_stopping_patience is not None and s.evals_since_best >= t.early_stopping_patience
-            self.emit({"event": "eval", "step": s.step, "val_loss": val_loss, "best_val_loss": s.best_val_loss,
-                       "best_step": s.best_step})
+                s.stopped_early = (
+                    t.early_stopping_patience is not None and s.evals_since_best >= t.early_stopping_patience
+                )
+            self.emit(
+                {
+                    "event": "eval",
+                    "step": s.step,
+                    "val_loss": val_loss,
+                    "best_val_loss": s.best_val_loss,
+                    "best_step": s.best_step,
+                }
+            )
         # The best step always gets a checkpoint so that it survives pruning and can become the final adapter.
         if s.step % t.steps_per_checkpoint == 0 or last or improved or s.stopped_early:
             self.save_checkpoint(val_loss)
@@ -387,14 +410,20 @@ class Trainer:
             try:
                 source = checkpoints.verify(self.ckpt_root / checkpoints.step_dir_name(s.best_step))
             except checkpoints.CheckpointError as exc:
-                self.emit({"event": "warning", "message": f"best checkpoint unusable, using the last step's adapter: {exc}"})
+                self.emit(
+                    {"event": "warning", "message": f"best checkpoint unusable, using the last step's adapter: {exc}"}
+                )
         source_step = source.step
         adapter_dir = write_adapter(
             self.run_dir / ADAPTER_DIR,
             checkpoints.load_arrays(source, "adapters"),
             self.settings,
-            {"base_model": self.model_path, "step": source_step, "val_loss": source.state.get("val_loss"),
-             "fingerprints": self.fingerprints},
+            {
+                "base_model": self.model_path,
+                "step": source_step,
+                "val_loss": source.state.get("val_loss"),
+                "fingerprints": self.fingerprints,
+            },
         )
         final_val = next((h["val_loss"] for h in reversed(history) if h["val_loss"] is not None), None)
         result = TrainResult(
@@ -409,8 +438,16 @@ class Trainer:
             skipped_batches=s.skipped_batches,
             history=history,
         )
-        self.emit({"event": "done", "step": s.step, "adapter_dir": str(adapter_dir), "adapter_step": source_step,
-                   "best_val_loss": s.best_val_loss, "stopped_early": s.stopped_early})
+        self.emit(
+            {
+                "event": "done",
+                "step": s.step,
+                "adapter_dir": str(adapter_dir),
+                "adapter_step": source_step,
+                "best_val_loss": s.best_val_loss,
+                "stopped_early": s.stopped_early,
+            }
+        )
         return result
 
 
