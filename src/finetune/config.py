@@ -160,7 +160,10 @@ class EvaluationConfig(Section):
         "auto", description="Metric that decides promotion; auto: exact_match for question→answer data, else val_loss."
     )
     promotion_margin: float = Field(
-        0.0, ge=0.0, description="How much the candidate must beat the champion by, in the primary metric's units."
+        0.0,
+        ge=0.0,
+        description="How much the candidate must beat the champion by, in the primary metric's units: a gain "
+        "equal to the margin promotes; with 0, any strict improvement does.",
     )
     require_beat_base: bool = Field(True, description="Never promote a candidate no better than the base model.")
     floors: dict[EvalMetric, float] = Field(

@@ -1,4 +1,10 @@
-"""The one promotion gate: used by evaluation and by the champion swap."""
+"""The one promotion gate: used by evaluation's decision and by the champion swap in publishing.
+
+A candidate beats a reference when it is strictly better and its gain, in the metric's units and
+direction, is at least the margin: with ``promotion_margin`` 0.25, a validation loss of 1.75 beats a
+champion's 2.0 (gain exactly 0.25) and 1.76 does not. A gain equal to the margin up to float rounding
+counts as equal. With no margin a tie is not a win.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +31,19 @@ def resolve_primary_metric(cfg: EvaluationConfig, generation_rows: Sequence[Mapp
     return "exact_match" if is_qa else "val_loss"
 
 
-def improvement(candidate: float, reference: float, metric: str) -> float:
+def gain(candidate: float, reference: float, *, higher_is_better: bool) -> float:
     """How much better ``candidate`` is than ``reference``, positive when better, in the metric's units."""
-    return candidate - reference if higher_is_better(metric) else reference - candidate
+    return candidate - reference if higher_is_better else reference - candidate
+
+
+def beats(candidate: float, reference: float, *, higher_is_better: bool, margin: float = 0.0) -> bool:
+    """The rule: strictly better, by at least ``margin`` (equal to the margin promotes)."""
+    g = gain(candidate, reference, higher_is_better=higher_is_better)
+    return g > 0 and (g >= margin or math.isclose(g, margin, rel_tol=1e-9, abs_tol=1e-12))
+
+
+def improvement(candidate: float, reference: float, metric: str) -> float:
+    return gain(candidate, reference, higher_is_better=higher_is_better(metric))
 
 
 def decide_promotion(
@@ -51,16 +67,16 @@ def decide_promotion(
     score = primary_score(candidate, metric)
     if cfg.require_beat_base and base is not None:
         base_score = primary_score(base, metric)
-        if improvement(score, base_score, metric) <= 0:
+        if not beats(score, base_score, higher_is_better=higher_is_better(metric)):
             return Decision(False, f"{metric} {score:.4f} does not beat the base model's {base_score:.4f}")
     if champion is None:
         return Decision(True, f"no champion yet; {metric} {score:.4f} passes the gate")
     champion_score = primary_score(champion, metric)
-    gain = improvement(score, champion_score, metric)
-    if gain <= 0 or gain < cfg.promotion_margin:
+    better = improvement(score, champion_score, metric)
+    if not beats(score, champion_score, higher_is_better=higher_is_better(metric), margin=cfg.promotion_margin):
         return Decision(
             False,
             f"{metric} {score:.4f} vs champion {champion_score:.4f}: "
-            f"improvement {gain:+.4f} is not above the margin {cfg.promotion_margin:g}",
+            f"improvement {better:+.4f} is below the margin {cfg.promotion_margin:g}",
         )
-    return Decision(True, f"{metric} {score:.4f} beats champion {champion_score:.4f} by {gain:+.4f}")
+    return Decision(True, f"{metric} {score:.4f} beats champion {champion_score:.4f} by {better:+.4f}")

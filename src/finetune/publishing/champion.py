@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from finetune.errors import PublishError, StorageError
+from finetune.evaluation.gate import beats
 from finetune.layout import CHAMPION_KEY, manifest_key
 from finetune.publishing.publish import read_manifest, run_step
 from finetune.store import (
@@ -105,10 +106,6 @@ def _swap_champion(store: Store, run_id: str, fields: dict[str, Any], decide: De
     raise StorageError(f"{store.uri_for(CHAMPION_KEY)}: still contended after {rounds} rounds; try again")
 
 
-def _beats(score: float, other: float, higher_is_better: bool, margin: float) -> bool:
-    return score > other + margin if higher_is_better else score < other - margin
-
-
 def promote_if_better(
     store: Store,
     run_id: str,
@@ -120,7 +117,7 @@ def promote_if_better(
     reason: str = "",
     fresh_scores: Mapping[str, float] | None = None,
 ) -> PromotionDecision:
-    """Make ``run_id`` the champion if its score beats the current champion's by more than ``margin``.
+    """Make ``run_id`` the champion if its score beats the current champion's by ``margin`` (the gate's rule).
 
     The champion's score is the one recorded in its pointer, or ``fresh_scores[champion_run_id]``
     when the caller re-measured it on the same inputs. A champion scored on another metric is
@@ -144,10 +141,9 @@ def promote_if_better(
                 f"champion {champion['run_id']} is scored on {champion.get('metric')!r}, not {metric!r}; "
                 "not comparable, promote manually"
             )
-        verdict = "beats" if _beats(score, theirs, higher_is_better, margin) else "does not beat"
-        return verdict == "beats", (
-            f"{metric} {score:.6g} {verdict} champion {champion['run_id']} ({theirs:.6g}) by more than {margin:g}{suffix}"
-        )
+        won = beats(score, theirs, higher_is_better=higher_is_better, margin=margin)
+        verdict = "beats" if won else "does not beat"
+        return won, f"{metric} {score:.6g} {verdict} champion {champion['run_id']} ({theirs:.6g}) by {margin:g}{suffix}"
 
     fields = {"metric": metric, "score": score, "higher_is_better": higher_is_better}
     return _swap_champion(store, run_id, fields, decide)
