@@ -90,6 +90,44 @@ def test_secrets_are_secret(monkeypatch):
         assert "SECRET-MARKER-123" not in text and "KEYID-MARKER-456" not in text
 
 
+OPERATIONAL_CHANGES = [
+    "training.retries=7",
+    "training.retry_delay_seconds=1",
+    "training.steps_per_report=3",
+    "training.steps_per_checkpoint=7",
+    "training.keep_checkpoints=5",
+    "training.mirror_checkpoints=true",
+    "training.mirror_every=3",
+    "training.use_openblas=off",
+    "storage.read_timeout=5",
+    "storage.endpoint_url=http://127.0.0.1:9000",
+    "storage.max_attempts=9",
+    "dataset.timeout_seconds=5",
+    "dataset.max_download_bytes=1000",
+    "evaluation.max_examples=3",
+]
+DEFINING_CHANGES = [
+    "training.learning_rate=0.01",
+    "training.iters=3",
+    "training.seed=4",
+    "training.steps_per_eval=7",
+    "lora.rank=4",
+    "template.max_seq_length=64",
+    "model.path=other/model",
+    "dataset.split_seed=9",
+]
+
+
+@pytest.mark.parametrize("change", OPERATIONAL_CHANGES)
+def test_operational_fields_are_outside_the_fingerprint(change):
+    assert load_settings(None, [change]).fingerprint() == load_settings(None, []).fingerprint()
+
+
+@pytest.mark.parametrize("change", DEFINING_CHANGES)
+def test_what_defines_the_model_is_in_the_fingerprint(change):
+    assert load_settings(None, [change]).fingerprint() != load_settings(None, []).fingerprint()
+
+
 def test_fingerprint_tracks_config_not_secrets():
     a = load_settings(None, ["storage.secret_access_key=one"])
     b = load_settings(None, ["storage.secret_access_key=two"])

@@ -14,7 +14,7 @@ from s3faults import make_bundle
 
 from deployments.project import HEARTBEAT_ENV, PREFECT_YAML, REPO, load_project
 from deployments.provision import MISSED_HEARTBEATS, render_plist, training_slot_name, zombie_automation
-from finetune.config import ModelConfig, Settings
+from finetune.config import ModelConfig, Settings, load_settings
 from finetune.publishing import publish_run
 from finetune.publishing.retrain import (
     base_model_ref,
@@ -49,10 +49,21 @@ def set_mtime(store: LocalStore, run_id: str, when: datetime) -> None:
 # ---------------------------------------------------------------- "nothing changed"
 
 
-def unchanged(store: LocalStore, dataset_version: str) -> dict | None:
+def unchanged(store: LocalStore, dataset_version: str, settings: Settings = SETTINGS) -> dict | None:
     """The last published manifest when this dataset version, the settings and the base model all equal its own."""
-    comparison = compare_with(last_published(store), dataset_version, SETTINGS.fingerprint(), BASE)
+    comparison = compare_with(last_published(store), dataset_version, settings.fingerprint(), BASE)
     return comparison.previous if comparison.unchanged else None
+
+
+def test_an_operational_change_does_not_retrain_and_a_hyperparameter_does(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    publish(store, tmp_path, "run-a")
+    operational = load_settings(None, ["training.retries=9", "storage.read_timeout=3", "training.use_openblas=off"])
+    assert unchanged(store, "d1", operational)["run_id"] == "run-a"
+    hyperparameter = load_settings(None, ["training.learning_rate=0.01"])
+    assert unchanged(store, "d1", hyperparameter) is None
+    changes = compare_with(last_published(store), "d1", hyperparameter.fingerprint(), BASE).changes
+    assert len(changes) == 1 and changes[0].startswith("configuration")
 
 
 def test_nothing_published_means_train(tmp_path: Path) -> None:

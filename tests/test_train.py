@@ -193,8 +193,10 @@ def test_fingerprint_mismatch_refuses_to_resume_and_fresh_starts_over(tiny_model
     assert again.resumed_from == 4 and again.steps == 4
 
     # Operational fields do not count as a different run.
+    operational = ["training.steps_per_report=3", "training.retries=5", "training.use_openblas=off"]
+    operational += ["storage.read_timeout=3", "training.keep_checkpoints=4", "evaluation.max_examples=2"]
     same = train(
-        load_settings(None, [*SHORT, "training.steps_per_report=3", "training.retries=5"]),
+        load_settings(None, [*SHORT, *operational]),
         str(tiny_model_dir),
         small_data,
         run,

@@ -3,6 +3,12 @@
 Layering, lowest to highest: defaults < YAML file < FINETUNE_* environment
 variables (nested with ``__``) < ``--set section.key=value`` overrides.
 Unknown keys are errors that name the key.
+
+Two kinds of setting: what defines the model (the dataset, template, model, lora and
+training sections) and how a run operates (evaluation, storage, and the fields marked
+``operational``: retries, report and checkpoint intervals, mirroring, BLAS, download
+limits). :meth:`Settings.fingerprint` covers the first kind only, so editing an
+operational field neither forces a retrain nor refuses a resume.
 """
 
 from __future__ import annotations
@@ -27,8 +33,17 @@ from finetune.errors import ConfigError, EvaluationError
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 
+# Marks a field that changes how a run operates, not what it computes (see Settings.fingerprint).
+OPERATIONAL = {"operational": True}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def defining_fields(self) -> dict[str, Any]:
+        """This section as JSON, without its operational fields."""
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if (type(self).model_fields[k].json_schema_extra or {}) != OPERATIONAL}
 
 
 class DatasetConfig(Section):
@@ -63,10 +78,18 @@ class DatasetConfig(Section):
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of a downloaded https:// source."
     )
-    max_download_bytes: int = Field(10 << 30, gt=0, description="Size cap for an https:// download.")
-    max_archive_bytes: int = Field(10 << 30, gt=0, description="Cap on the total extracted size of an archive.")
-    max_archive_members: int = Field(10_000, gt=0, description="Cap on the number of files in an archive.")
-    timeout_seconds: float = Field(60.0, gt=0, description="Network timeout for https:// sources.")
+    max_download_bytes: int = Field(
+        10 << 30, gt=0, description="Size cap for an https:// download.", json_schema_extra=OPERATIONAL
+    )
+    max_archive_bytes: int = Field(
+        10 << 30, gt=0, description="Cap on the total extracted size of an archive.", json_schema_extra=OPERATIONAL
+    )
+    max_archive_members: int = Field(
+        10_000, gt=0, description="Cap on the number of files in an archive.", json_schema_extra=OPERATIONAL
+    )
+    timeout_seconds: float = Field(
+        60.0, gt=0, description="Network timeout for https:// sources.", json_schema_extra=OPERATIONAL
+    )
 
 
 class TemplateConfig(Section):
@@ -122,20 +145,31 @@ class TrainingConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accumulation_steps: int = Field(1, gt=0)
     seed: int = 0
-    steps_per_report: int = Field(10, gt=0)
+    steps_per_report: int = Field(10, gt=0, json_schema_extra=OPERATIONAL)
     steps_per_eval: int = Field(50, gt=0)
-    steps_per_checkpoint: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    steps_per_checkpoint: int = Field(50, gt=0, json_schema_extra=OPERATIONAL)
+    keep_checkpoints: int = Field(2, gt=0, json_schema_extra=OPERATIONAL)
     val_batches: int = Field(-1, description="-1 evaluates the whole validation split.")
     early_stopping_patience: int | None = Field(None, gt=0)
-    retries: int = Field(2, ge=0, description="Task retries after a crashed training attempt.")
-    retry_delay_seconds: float = Field(5.0, ge=0)
-    mirror_checkpoints: bool = Field(
-        False, description="Copy checkpoints to storage.uri (training/<run_id>/checkpoints/) so any machine can resume."
+    retries: int = Field(
+        2, ge=0, description="Task retries after a crashed training attempt.", json_schema_extra=OPERATIONAL
     )
-    mirror_every: int = Field(1, gt=0, description="Mirror every K-th checkpoint; the last ones are always mirrored.")
+    retry_delay_seconds: float = Field(5.0, ge=0, json_schema_extra=OPERATIONAL)
+    mirror_checkpoints: bool = Field(
+        False,
+        description="Copy checkpoints to storage.uri (training/<run_id>/checkpoints/) so any machine can resume.",
+        json_schema_extra=OPERATIONAL,
+    )
+    mirror_every: int = Field(
+        1,
+        gt=0,
+        description="Mirror every K-th checkpoint; the last ones are always mirrored.",
+        json_schema_extra=OPERATIONAL,
+    )
     use_openblas: Literal["auto", "off"] = Field(
-        "auto", description="On Linux, preload Debian's OpenBLAS into the training process when present."
+        "auto",
+        description="On Linux, preload Debian's OpenBLAS into the training process when present.",
+        json_schema_extra=OPERATIONAL,
     )
 
     @field_validator("use_openblas", mode="before")
@@ -232,6 +266,8 @@ class StorageConfig(Section):
 
 
 SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage")
+# The sections that define the model; evaluation and storage only say how a run is judged and where it goes.
+MODEL_SECTIONS = ("dataset", "template", "model", "lora", "training")
 
 
 class Settings(BaseSettings):
@@ -273,11 +309,13 @@ class Settings(BaseSettings):
         )
         return data
 
-    def fingerprint(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none), stable across key order."""
-        data = self.public_dict()
-        chosen = {name: data[name] for name in (sections or SECTIONS)}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+    def model_definition(self) -> dict[str, Any]:
+        """What defines the model: the model sections without their operational fields."""
+        return {name: getattr(self, name).defining_fields() for name in MODEL_SECTIONS}
+
+    def fingerprint(self) -> str:
+        """The one configuration fingerprint, for resuming checkpoints and for "nothing changed" (sha256)."""
+        return hashlib.sha256(json.dumps(self.model_definition(), sort_keys=True).encode()).hexdigest()
 
 
 # pydantic-settings builds sources from the class; the YAML path is per call.

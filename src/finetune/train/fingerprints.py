@@ -5,34 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
-from finetune.config import Settings
-from finetune.data.templating import Encoded, chat_template_of, hf_tokenizer
+from finetune.data.templating import Encoded, tokenizer_fingerprint
 from finetune.errors import FingerprintMismatch
 
-# Fields that change how a run is operated, not what it computes: editing them keeps checkpoints resumable.
-OPERATIONAL_FIELDS = frozenset(
-    {
-        "steps_per_report",
-        "steps_per_checkpoint",
-        "keep_checkpoints",
-        "retries",
-        "retry_delay_seconds",
-        "use_openblas",
-        "mirror_checkpoints",
-        "mirror_every",
-    }
-)
-
-
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def config_fingerprint(settings: Settings) -> str:
-    training = {k: v for k, v in settings.training.model_dump(mode="json").items() if k not in OPERATIONAL_FIELDS}
-    return _sha({"lora": settings.lora.model_dump(mode="json"), "training": training})
+__all__ = ["check_fingerprints", "data_fingerprint", "model_fingerprint", "tokenizer_fingerprint"]
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -46,11 +23,6 @@ def model_fingerprint(model_dir: Path) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read())
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    vocab = hf_tokenizer(tokenizer).get_vocab()
-    return _sha({"vocab": sorted(vocab.items()), "chat_template": chat_template_of(tokenizer)})
 
 
 def data_fingerprint(data: dict[str, list[Encoded]]) -> str:

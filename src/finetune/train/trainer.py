@@ -41,7 +41,6 @@ from finetune.train import batching, checkpoints
 from finetune.train.batching import Batch
 from finetune.train.fingerprints import (
     check_fingerprints,
-    config_fingerprint,
     data_fingerprint,
     model_fingerprint,
     tokenizer_fingerprint,
@@ -141,7 +140,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.model, tokenizer, model_dir = load_model(settings, model_path)
         self.fingerprints = {
-            "config": config_fingerprint(settings),
+            "config": settings.fingerprint(),
             "model": model_fingerprint(model_dir),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "data": data_fingerprint({"train": data["train"], "valid": data["valid"]}),
