@@ -37,8 +37,11 @@ from deployments.project import HEARTBEAT_ENV, REPO, load_project
 
 ZOMBIE_AUTOMATION = "finetune: mark flow runs without heartbeats Crashed"
 MISSED_HEARTBEATS = 3
-# A flow run that reaches one of these stops sending heartbeats on purpose.
-FINAL_EVENTS = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+# Any event of the run after its heartbeat counts as a sign of life: another heartbeat, or a state
+# change. A run that ends (Completed, Skipped, TimedOut, Cancelled, ... : event names are state
+# *names*, which flows choose) or pauses stops sending heartbeats on purpose, so listing final
+# states would miss the custom ones and crash runs that already finished.
+LIFE_SIGNS = {"prefect.flow-run.*"}
 PLIST_TEMPLATE = Path(__file__).with_name("launchd-worker.plist")
 PLIST_LABEL = "dev.finetune.worker"
 
@@ -63,7 +66,7 @@ def zombie_automation(
         "the worker or machine died; mark the run Crashed so a rerun can resume it.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *FINAL_EVENTS},
+            expect=LIFE_SIGNS,
             match={"prefect.resource.id": ["prefect.flow-run.*"]},
             match_related=match_related or {},
             for_each={"prefect.resource.id"},

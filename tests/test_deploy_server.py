@@ -2,8 +2,10 @@
 
 Tests run in file order and share one deployment and one worker. The worker starts
 only after the event test, whose automation-created run must never execute (its
-default parameters point at the checkout); the worker's clone is a temporary
-`git clone` of this repository, so a stray run could only write there.
+default parameters point at the checkout). `prefect deploy` runs in a clone of this
+working tree whose origin is a local bare repository; the worker is a clean one: a
+fresh virtual environment without finetune, in an empty directory, so every run
+clones the deployed commit and installs it (prefect.yaml's pull steps).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled, Running, Scheduled
 from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
+from worker_env import clean_worker_python, deploying_clone, git
 
 from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
 from finetune.config import StorageConfig, load_settings  # noqa: E402
@@ -191,8 +193,15 @@ def s3_endpoint(moto_server) -> Iterator[str]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
-    """`python -m deployments.provision` (creates the pool) then `prefect deploy --all`, from the repository."""
+def origin(tmp_path_factory) -> dict[str, Any]:
+    """The clone `prefect deploy` runs in, its bare origin, and the commit it deploys."""
+    clone, bare = deploying_clone(tmp_path_factory.mktemp("git"))
+    return {"clone": clone, "origin": bare, "commit": git(clone, "rev-parse", "HEAD")}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: PrefectServer, origin: dict[str, Any]) -> dict[str, UUID]:
+    """`python -m deployments.provision` (creates the pool) then `prefect deploy --all`, from a clone."""
     TIMINGS["server start (fresh database)"] = prefect_server.startup_seconds
     started = time.monotonic()
     provision = subprocess.run(
@@ -207,9 +216,16 @@ def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
     assert "work pool mac-mlx: created (process)" in provision.stdout
     TIMINGS["provision (pool, slot, automation)"] = time.monotonic() - started
     started = time.monotonic()
-    deploy = run_cli(prefect_server, "deploy", "--all")
+    clone = origin["clone"]
+    deploy = subprocess.run(
+        [PREFECT, "deploy", "--all"], env=prefect_server.env(), cwd=clone, capture_output=True, text=True, timeout=300
+    )
     assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
     TIMINGS["prefect deploy --all"] = time.monotonic() - started
+    # Pushed after the deployment: workers must keep running the deployed commit, not the branch's tip.
+    (clone / "flows" / "finetune.py").write_text('raise RuntimeError("a later commit, never deployed")\n')
+    git(clone, "commit", "-q", "-am", "a later commit, never deployed")
+    git(clone, "push", "-q", "origin", "main")
     with client() as c:
         return {
             name: c.read_deployment_by_name(f"finetune-pipeline/{name}").id for name in ("finetune", "retrain-nightly")
@@ -218,20 +234,22 @@ def deployed(prefect_server: PrefectServer) -> dict[str, UUID]:
 
 @pytest.fixture(scope="module")
 def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_factory) -> Iterator[Path]:
-    """`prefect worker start` on the pool, from a clone of this repository; yields the clone."""
-    clone = tmp_path_factory.mktemp("clone") / "finetune"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
-    shutil.copy(REPO / "prefect.yaml", clone / "prefect.yaml")  # the file under test, committed or not
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    extra = {"FINETUNE_REPO": str(clone), "PREFECT_WORKER_QUERY_SECONDS": "2", **CREDENTIALS}
+    """`prefect worker start` on the pool, from a clean virtual environment in an empty directory; yields it."""
+    root = tmp_path_factory.mktemp("worker")
+    python = clean_worker_python(root)
+    home = root / "home"
+    home.mkdir()
+    log = root / "worker.log"
+    extra = {"PREFECT_WORKER_QUERY_SECONDS": "2", **CREDENTIALS}
     if openblas := openblas_library():
         extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
+    env = {k: v for k, v in prefect_server.env(**extra).items() if k != "PYTHONPATH"}  # nothing of this checkout
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "mac-mlx", "--type", "process", "--limit", "1"],
-            env=prefect_server.env(**extra),
-            cwd=clone,
+            [python, "-m", "prefect", "worker", "start", "--pool", "mac-mlx", "--type", "process", "--limit", "1"],
+            env=env,
+            cwd=home,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -246,7 +264,7 @@ def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_f
         wait_for(lambda: process.poll() is not None or online(), 180, "the worker to come online")
         assert process.poll() is None, log.read_text()[-4000:]
         TIMINGS["worker start until online"] = time.monotonic() - started
-        yield clone
+        yield root
     finally:
         # The worker shuts down on SIGINT; it ignored a plain SIGTERM here.
         os.killpg(process.pid, signal.SIGINT)
@@ -310,7 +328,7 @@ def test_dataset_updated_event_creates_a_retrain_run(deployed, api: PrefectServe
                 c.delete_flow_run(run.id)
 
 
-def test_deployments_are_stored_as_written(deployed, api: PrefectServer) -> None:
+def test_deployments_are_stored_as_written(deployed, origin, api: PrefectServer) -> None:
     with client() as c:
         nightly = c.read_deployment(deployed["retrain-nightly"])
         on_demand = c.read_deployment(deployed["finetune"])
@@ -328,20 +346,28 @@ def test_deployments_are_stored_as_written(deployed, api: PrefectServer) -> None
         assert deployment.entrypoint == "flows.finetune.finetune_pipeline"
         assert deployment.global_concurrency_limit.limit == 1
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-        assert deployment.pull_steps == [{"tasks.schedule.use_local_clone": {}}]
+        clone, install = deployment.pull_steps
+        assert clone["prefect.deployments.steps.git_clone"] == {
+            "id": "clone",
+            "repository": str(origin["origin"]),
+            "commit_sha": origin["commit"],
+        }
+        assert install["prefect.deployments.steps.pip_install_requirements"]["directory"] == "{{ clone.directory }}"
         assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
     assert nightly.parameters["dataset"] == {"source": "builtin:capitals"}
     assert on_demand.parameter_openapi_schema["properties"]["force"]["default"] is False
     names = {a.name: a for a in automations}
     assert "finetune: mark flow runs without heartbeats Crashed" in names
-    trigger = names["retrain-nightly__automation_1"].trigger
+    trigger = names["finetune: retrain-nightly when its dataset is updated"].trigger
     assert trigger.expect == {"finetune.dataset.updated"}
     assert trigger.match.model_dump() == {"prefect.resource.id": "finetune.dataset.builtin:capitals"}
 
 
-def test_deployment_run_publishes_a_verified_bundle(first_run, api, s3_endpoint, tmp_path) -> None:
+def test_deployment_run_publishes_a_verified_bundle(first_run, worker, api, s3_endpoint, tmp_path) -> None:
     run = read_run(first_run["id"])
     assert run.state.type == StateType.COMPLETED and run.state.name == "Completed"
+    # The clean worker ran the deployed commit (not the later one on the branch), installed by the pull step.
+    assert list(worker.glob("worker-venv/lib/python*/site-packages/finetune-*.dist-info"))
     TIMINGS["worker pickup (created -> running)"] = seconds(run.created, run.start_time)
     TIMINGS["flow run (running -> completed)"] = seconds(run.start_time, run.end_time)
 
