@@ -8,11 +8,16 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # Reinstall only when the dependency pins change; constraints.txt is the lock.
+# pip prints each package as it goes: the first install takes minutes (MLX, Prefect, ...).
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "make setup [1/3]: creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@echo "make setup [2/3]: upgrading pip"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	@echo "make setup [3/3]: installing finetune and its pinned dependencies (a few minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[test]'
 	touch $@
+	@echo "make setup: done; source $(VENV)/bin/activate to put finetune and prefect on your PATH"
 
 demo: setup
 	$(BIN)/finetune demo

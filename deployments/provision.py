@@ -6,7 +6,8 @@
 
 Both read the pool name and the heartbeat frequency from prefect.yaml (change them there, then
 re-run this and `prefect deploy --all`). Re-running updates
-what exists. Run it once per Mac (each Mac has its own training slot).
+what exists. Each Mac's training slot is also created by its first training run
+(prefect.yaml's job variables name it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 from deployments.project import HEARTBEAT_ENV, REPO, load_project
+from tasks.schedule import training_slot_name
 
 ZOMBIE_AUTOMATION = "finetune: mark flow runs without heartbeats Crashed"
 MISSED_HEARTBEATS = 3
@@ -44,11 +46,6 @@ MISSED_HEARTBEATS = 3
 LIFE_SIGNS = {"prefect.flow-run.*"}
 PLIST_TEMPLATE = Path(__file__).with_name("launchd-worker.plist")
 PLIST_LABEL = "dev.finetune.worker"
-
-
-def training_slot_name(host: str | None = None) -> str:
-    """This machine's global concurrency limit: one training at a time on it, whatever started the run."""
-    return "mlx-training-" + (host or socket.gethostname()).split(".")[0].lower()
 
 
 def zombie_automation(
@@ -125,7 +122,7 @@ async def provision(pool: str, slot: str, heartbeat_seconds: int) -> list[str]:
         ]
 
 
-def render_plist(api_url: str, pool: str, slot: str, repo: Path = REPO, logs: Path | None = None) -> str:
+def render_plist(api_url: str, pool: str, repo: Path = REPO, logs: Path | None = None) -> str:
     """The launchd agent of a Mac worker: starts at login, restarts when it dies, one flow run at a time."""
     values = {
         "label": PLIST_LABEL,
@@ -133,7 +130,6 @@ def render_plist(api_url: str, pool: str, slot: str, repo: Path = REPO, logs: Pa
         "pool": pool,
         "worker_name": socket.gethostname().split(".")[0],
         "api_url": api_url,
-        "slot": slot,
         "logs": str(logs or Path.home() / "Library" / "Logs" / "finetune"),
     }
     return Template(PLIST_TEMPLATE.read_text(encoding="utf-8")).substitute({k: escape(v) for k, v in values.items()})
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     plist.add_argument("--logs", type=Path, default=None, help="log directory (default: ~/Library/Logs/finetune)")
     args = parser.parse_args(argv)
     if args.command == "plist":
-        sys.stdout.write(render_plist(args.api_url, project.pool, args.slot, args.repo.resolve(), args.logs))
+        sys.stdout.write(render_plist(args.api_url, project.pool, args.repo.resolve(), args.logs))
         return 0
     for line in asyncio.run(provision(project.pool, args.slot, project.heartbeat_seconds)):
         print(line)

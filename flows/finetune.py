@@ -38,6 +38,7 @@ from tasks.publish import (
 )
 from tasks.schedule import (
     check_unchanged,
+    enter_worker_dir,
     log_late_start,
     nothing_changed,
     training_slot,
@@ -69,6 +70,7 @@ def finetune_pipeline(
     Skipped (state Skipped) when dataset version, base model and configuration equal the
     last published run's, unless ``force``.
     """
+    enter_worker_dir()
     settings = settings_from_parameters(locals())
     run_id = run_id or default_run_id()
     run_dir = str(Path(work_dir) / "runs" / run_id)

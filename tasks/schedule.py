@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,7 +32,10 @@ LATE_AFTER = timedelta(minutes=1)
 SKIPPED_STATE = "Skipped"
 # Names the global concurrency limit that holds one training per machine (deployments/provision.py creates it).
 TRAINING_SLOT_ENV = "FINETUNE_TRAINING_SLOT"
+MACHINE_SLOT = "mlx-training-{host}"
 REPO_ENV = "FINETUNE_REPO"
+# Where deployment runs resolve relative paths (prefect.yaml's job variables set it).
+WORKER_DIR_ENV = "FINETUNE_WORKER_DIR"
 
 
 def use_local_clone(directory: str | None = None) -> dict[str, str]:
@@ -55,6 +59,22 @@ def use_local_clone(directory: str | None = None) -> dict[str, str]:
         )
     os.chdir(path)
     return {"directory": str(path)}
+
+
+def enter_worker_dir() -> Path | None:
+    """Change to ``$FINETUNE_WORKER_DIR`` (created if missing) when it is set.
+
+    A worker clones each deployment run into a temporary directory that is deleted after
+    the run: relative paths in parameters (``work_dir``, a local store) must not live there,
+    or checkpoints and published bundles vanish with it.
+    """
+    chosen = os.environ.get(WORKER_DIR_ENV)
+    if not chosen:
+        return None
+    path = Path(chosen).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    return path
 
 
 def log_late_start(grace: timedelta = LATE_AFTER) -> timedelta | None:
@@ -99,20 +119,41 @@ def nothing_changed(previous: dict[str, Any], store_uri: str) -> State:
     return Completed(name=SKIPPED_STATE, message=result["reason"], data=result)
 
 
+def training_slot_name(template: str = MACHINE_SLOT, host: str | None = None) -> str:
+    """The slot ``template`` names on this machine: ``{host}`` is its short host name, lowercased."""
+    return template.format(host=(host or socket.gethostname()).split(".")[0].lower())
+
+
 @contextlib.contextmanager
 def training_slot() -> Iterator[None]:
     """Hold this machine's training slot (a global concurrency limit of 1) while training.
 
-    Only when the worker's environment names one (``FINETUNE_TRAINING_SLOT``): runs from
-    a laptop or the demo need no server-side limit. ``strict=True`` because Prefect
-    otherwise silently skips a limit that does not exist.
+    Only when the environment names one (``FINETUNE_TRAINING_SLOT``, set for every
+    deployment run by prefect.yaml's job variables): runs from a laptop or the demo need
+    no server-side limit. The limit is created on first use, so a new Mac needs no
+    provisioning; ``strict=True`` because Prefect otherwise silently skips a missing one.
     """
-    name = os.environ.get(TRAINING_SLOT_ENV)
-    if not name:
+    template = os.environ.get(TRAINING_SLOT_ENV)
+    if not template:
         yield
         return
     from prefect.concurrency.sync import concurrency
 
+    name = training_slot_name(template)
+    ensure_slot(name)
     get_run_logger().info("waiting for training slot %s", name)
     with concurrency(name, occupy=1, strict=True):
         yield
+
+
+def ensure_slot(name: str, limit: int = 1) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another machine's run created it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))

@@ -1,7 +1,7 @@
 """One real ``prefect server start`` per test session, for the tests that are about Prefect's API.
 
 The server listens on 127.0.0.1 with its own temporary PREFECT_HOME (database, logs),
-its UI off, and its scheduler off: schedules are stored and read back, but no run is
+its UI on (told its API's URL, as the README says), and its scheduler off: schedules are stored and read back, but no run is
 created from them behind a test's back. A fresh database needs its migrations, which
 took 20-50 s on a loaded 2-core machine, so the wait is generous and the server is
 shared. Fast unit tests call task ``.fn`` and need none of this.
@@ -104,7 +104,9 @@ def start_server(home: Path, timeout: float = STARTUP_TIMEOUT) -> PrefectServer:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_UI_ENABLED="false",
+        # As README's "Running on your Macs" starts it: on a port other than 4200, the UI told
+        # where the API is (else it calls 127.0.0.1:4200).
+        PREFECT_UI_API_URL=url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
     )

@@ -14,7 +14,7 @@ import yaml
 from s3faults import make_bundle
 
 from deployments.project import HEARTBEAT_ENV, PREFECT_YAML, REPO, load_project
-from deployments.provision import MISSED_HEARTBEATS, render_plist, training_slot_name, zombie_automation
+from deployments.provision import MISSED_HEARTBEATS, render_plist, zombie_automation
 from finetune.config import ModelConfig, Settings, load_settings
 from finetune.publishing import publish_run
 from finetune.publishing.retrain import (
@@ -25,7 +25,7 @@ from finetune.publishing.retrain import (
     lateness,
 )
 from finetune.store import LocalStore
-from tasks.schedule import SKIPPED_STATE, nothing_changed, use_local_clone
+from tasks.schedule import SKIPPED_STATE, nothing_changed, training_slot_name, use_local_clone
 
 SETTINGS = Settings()
 BASE = base_model_ref(SETTINGS.model)
@@ -282,15 +282,23 @@ def test_zombie_automation_waits_three_heartbeats() -> None:
 
 def test_launchd_agent(tmp_path: Path) -> None:
     repo = tmp_path / "R&D finetune"  # XML-special characters must be escaped, not break the plist
-    plist = plistlib.loads(render_plist("http://prefect.local:4200/api", "mac-mlx", "mlx-training-m1", repo).encode())
+    plist = plistlib.loads(render_plist("http://prefect.local:4200/api", "mac-mlx", repo).encode())
     args = plist["ProgramArguments"]
     assert args[0] == f"{repo}/.venv/bin/prefect" and args[1:3] == ["worker", "start"]
     assert args[args.index("--pool") + 1] == "mac-mlx" and args[args.index("--limit") + 1] == "1"
     env = plist["EnvironmentVariables"]
     assert env["PREFECT_API_URL"] == "http://prefect.local:4200/api" and env["FINETUNE_REPO"] == str(repo)
-    assert env["FINETUNE_TRAINING_SLOT"] == "mlx-training-m1"
+    assert "FINETUNE_TRAINING_SLOT" not in env  # the deployments' job variables set it for every worker
     assert plist["WorkingDirectory"] == str(repo) and plist["KeepAlive"] is True and plist["RunAtLoad"] is True
-    assert training_slot_name("Studio-2.local") == "mlx-training-studio-2"
+    assert training_slot_name(host="Studio-2.local") == "mlx-training-studio-2"
+    assert training_slot_name("gpu-pool", host="Studio-2.local") == "gpu-pool"
+
+
+def test_every_deployment_run_names_this_machines_training_slot() -> None:
+    """Job variables reach the flow run's environment on any process worker, not only the launchd agent."""
+    for spec in load_project().deployments:
+        slot = spec["work_pool"]["job_variables"]["env"]["FINETUNE_TRAINING_SLOT"]
+        assert training_slot_name(slot, host="m1.local") == "mlx-training-m1"
 
 
 def test_heartbeat_setting_is_in_prefect_yaml() -> None:

@@ -38,20 +38,20 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.concurrency.sync import concurrency
 from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Cancelled, Running, Scheduled
+from prefect.states import Scheduled
 from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
 from worker_env import clean_worker_python, deploying_clone, git
 
-from deployments.provision import training_slot_name, zombie_automation  # noqa: E402
 from finetune.config import StorageConfig, load_settings  # noqa: E402
 from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
 from finetune.store import open_store  # noqa: E402
 from finetune.train.blas import openblas_library  # noqa: E402
-from tasks.schedule import TRAINING_SLOT_ENV, training_slot  # noqa: E402
+from tasks.schedule import MACHINE_SLOT, TRAINING_SLOT_ENV, training_slot, training_slot_name  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +240,7 @@ def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_f
     home = root / "home"
     home.mkdir()
     log = root / "worker.log"
-    extra = {"PREFECT_WORKER_QUERY_SECONDS": "2", **CREDENTIALS}
+    extra = {"PREFECT_WORKER_QUERY_SECONDS": "2", "HOME": str(home), **CREDENTIALS}
     if openblas := openblas_library():
         extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
     env = {k: v for k, v in prefect_server.env(**extra).items() if k != "PYTHONPATH"}  # nothing of this checkout
@@ -368,6 +368,8 @@ def test_deployment_run_publishes_a_verified_bundle(first_run, worker, api, s3_e
     assert run.state.type == StateType.COMPLETED and run.state.name == "Completed"
     # The clean worker ran the deployed commit (not the later one on the branch), installed by the pull step.
     assert list(worker.glob("worker-venv/lib/python*/site-packages/finetune-*.dist-info"))
+    # Relative paths resolve in the worker's directory (prefect.yaml's FINETUNE_WORKER_DIR), which outlives the run.
+    assert (worker / "home" / "finetune-worker").is_dir()
     TIMINGS["worker pickup (created -> running)"] = seconds(run.created, run.start_time)
     TIMINGS["flow run (running -> completed)"] = seconds(run.start_time, run.end_time)
 
@@ -445,9 +447,16 @@ def test_late_retrain_on_unchanged_data_is_skipped(first_run, deployed, api, s3_
 def test_cancelling_a_run_kills_its_training_process(worker, deployed, api, s3_endpoint, tmp_path) -> None:
     params = parameters(tmp_path, "e2e-cancel", s3_endpoint, iters=100_000)
     request_file = tmp_path / "runs" / "e2e-cancel" / "train-request.json"
-    with client() as c:
-        run = c.create_flow_run_from_deployment(deployed["finetune"], parameters=params)
-    pids = wait_for(lambda: training_processes(request_file), 300, "the training child to start")
+    # Another training on this machine holds its slot (the name the worker's job variables give it):
+    # the deployment run must wait for it, not train alongside.
+    slot = training_slot_name(MACHINE_SLOT)
+    with concurrency(slot, occupy=1, strict=True):
+        with client() as c:
+            run = c.create_flow_run_from_deployment(deployed["finetune"], parameters=params)
+        logged(run.id, lambda line: line == f"waiting for training slot {slot}", "the run to wait for the slot")
+        time.sleep(5)
+        assert training_processes(request_file) == [] and read_run(run.id).state.type == StateType.RUNNING
+    pids = wait_for(lambda: training_processes(request_file), 120, "the training child to start once the slot is free")
     assert read_run(run.id).state.type == StateType.RUNNING
     cancelled_at = time.monotonic()
     cancel = run_cli(api, "flow-run", "cancel", str(run.id))
@@ -459,52 +468,15 @@ def test_cancelling_a_run_kills_its_training_process(worker, deployed, api, s3_e
     assert training_processes(request_file) == []
 
 
-def test_zombie_automation_crashes_a_run_whose_heartbeats_stop(api) -> None:
-    """The provisioned automation's rule, on a 4 s heartbeat (12 s window) and scoped to this test's runs by tag."""
-    tag = f"zombie-{uuid4().hex[:8]}"
-    automation = zombie_automation(4, name=f"test {tag}", match_related={"prefect.resource.id": f"prefect.tag.{tag}"})
-
-    @flow(name="zombie-probe")
-    def probe() -> None: ...
-
-    def heartbeat(run_id: UUID) -> None:
-        event = Event(
-            event="prefect.flow-run.heartbeat",
-            resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
-            related=[{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}],
-        )
-        with client() as c:
-            c.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
-
-    with client() as c:
-        automation_id = c.create_automation(automation)
-        silent, beating = (c.create_flow_run(probe, tags=[tag], state=Running()) for _ in range(2))
-    try:
-        heartbeat(silent.id)
-        started = time.monotonic()
-
-        def crashed() -> bool:
-            heartbeat(beating.id)
-            return read_run(silent.id).state.type == StateType.CRASHED
-
-        wait_for(crashed, 90, "the silent run to be marked Crashed", interval=3)
-        TIMINGS["zombie: last heartbeat until Crashed (12 s window)"] = time.monotonic() - started
-        assert "no heartbeat" in read_run(silent.id).state.message
-        assert read_run(beating.id).state.type == StateType.RUNNING
-    finally:
-        with client() as c:
-            c.delete_automation(automation_id)
-            c.set_flow_run_state(beating.id, Cancelled(), force=True)
-
-
-def test_training_slot_holds_this_machines_limit(deployed, api, monkeypatch) -> None:
-    """The slot provision created for this machine is held while training; a missing one is an error, not a no-op."""
-    slot = training_slot_name()
+def test_training_slot_is_this_machines_limit_created_on_first_use(deployed, api, monkeypatch) -> None:
+    """prefect.yaml's slot template names this host's limit; a machine without one gets it on its first run."""
+    slot = f"mlx-training-test-{uuid4().hex[:6]}-{{host}}"
+    name = training_slot_name(slot)
     held: list[int] = []
 
     def active() -> int:
         with client() as c:
-            return c.read_global_concurrency_limit_by_name(slot).active_slots
+            return c.read_global_concurrency_limit_by_name(name).active_slots
 
     @flow(name="slot-probe")
     def probe() -> None:
@@ -513,7 +485,8 @@ def test_training_slot_holds_this_machines_limit(deployed, api, monkeypatch) -> 
 
     monkeypatch.setenv(TRAINING_SLOT_ENV, slot)
     probe()
-    assert held == [1] and active() == 0
-    monkeypatch.setenv(TRAINING_SLOT_ENV, "no-such-slot")
-    with pytest.raises(Exception, match="no-such-slot"):
-        probe()
+    probe()
+    assert held == [1, 1] and active() == 0
+    with client() as c:
+        assert c.read_global_concurrency_limit_by_name(name).limit == 1
+        c.delete_global_concurrency_limit_by_name(name)
