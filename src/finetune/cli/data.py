@@ -51,7 +51,7 @@ def check(
         splits = load_splits(settings.dataset, settings.storage)
         data = None
         if not rows_only:
-            model = resolve_model(settings.model.path, settings.model.revision, settings.work_dir)
+            model = resolve_model(settings.model.path, settings.model.revision, settings.work_dir, settings.model.dtype)
             data = tokenize_splits(splits, load_tokenizer(model), settings.template, settings.dataset.on_bad_row)
         report = build_report(splits, data, settings.training.batch_size)
         if out is not None:

@@ -14,18 +14,17 @@ directory then has Hugging Face's layout, so adapters trained on it apply to the
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from finetune.fsutil import fsync_dir, sha256_file, write_json_atomic
+from finetune.errors import ModelError
+from finetune.fsutil import atomic_dir, file_digest, write_json_atomic
 from finetune.model.gguf_tokenizer import TokenizerInfo, tokenizer_from_metadata
 
 IMPORTER_VERSION = "1"  # bump when the imported directory's content changes
 GROUP_SIZE = 32  # every GGUF type mx.load keeps quantized uses blocks of 32
+PROVENANCE_FILE = "finetune_gguf.json"  # which file, dtype and importer made the directory
 DTYPES = ("auto", "keep", "float32", "bfloat16", "float16")
 
 # GGUF architecture -> mlx-lm model_type. Mistral and most llama derivatives are written as "llama".
@@ -49,7 +48,7 @@ _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|scales|biases|bias)$")
 
 
-class GGUFError(ValueError):
+class GGUFError(ModelError):
     """A GGUF file that cannot be imported; the message is one line naming the file."""
 
 
@@ -239,34 +238,27 @@ def convert_dtype(contents: GGUFContents, dtype: str) -> GGUFContents:
             w, scales, biases = (weights.pop(f"{prefix}.{k}") for k in ("weight", "scales", "biases"))
             # float32 scales: the float16 product would round GGML's d*q (+ m) values.
             weights[f"{prefix}.weight"] = mx.dequantize(
-                w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=entry["group_size"], bits=entry["bits"]
+                w,
+                scales.astype(mx.float32),
+                biases.astype(mx.float32),
+                group_size=entry["group_size"],
+                bits=entry["bits"],
             )
     weights = {k: v.astype(target) for k, v in weights.items()}
     return GGUFContents(config=config, weights=weights, tokenizer=contents.tokenizer)
 
 
 def write_model_dir(contents: GGUFContents, out_dir: Path, provenance: dict[str, Any]) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into a fresh ``out_dir`` (temp dir + rename)."""
+    """Write config.json, model.safetensors and tokenizer files as ``out_dir``, all or nothing."""
     import mlx.core as mx
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         mx.eval(contents.weights)
         mx.save_safetensors(str(tmp / "model.safetensors"), contents.weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(contents.config, indent=2))
         contents.tokenizer.save(tmp)
-        (tmp / "finetune_gguf.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        for item in tmp.iterdir():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-        if out_dir.exists():  # a stale or half-written cache from an older importer
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -280,7 +272,7 @@ def _sha256(path: Path, cache_dir: Path) -> str:
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        known[key] = sha256_file(path)
+        known[key] = file_digest(path).sha256
         write_json_atomic(memo, known)
     return known[key]
 
@@ -297,7 +289,7 @@ def import_gguf(path: Path | str, cache_dir: Path | str, dtype: str = "auto") ->
     dtype = resolve_dtype(dtype)
     sha256 = _sha256(path, cache_dir)
     out_dir = imported_dir(cache_dir, sha256, dtype)
-    stamp = out_dir / "finetune_gguf.json"
+    stamp = out_dir / PROVENANCE_FILE
     if stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == sha256:
         return out_dir
     contents = convert_dtype(read_gguf(path), dtype)

@@ -52,7 +52,11 @@ def tokenizer_from_metadata(architecture: str, metadata: dict[str, Any], context
 
     if "tokenizer.ggml.tokens" not in metadata:
         raise ValueError("no tokenizer in the metadata (tokenizer.ggml.tokens missing)")
-    spec = {name: _plain(metadata[f"tokenizer.{key}"]) for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.{key}" in metadata}
+    spec = {
+        name: _plain(metadata[f"tokenizer.{key}"])
+        for key, name in _TOKENIZER_KEYS.items()
+        if f"tokenizer.{key}" in metadata
+    }
     tokens = spec["tokens"]
     tokenizer, _ = convert_gguf_tokenizer(architecture, spec)
 

@@ -66,7 +66,9 @@ def train_stage(settings: Settings, run_id: str | None, fresh: bool, log: Callab
     run_id = run_id or "train-" + settings.fingerprint()[:12]
     run_dir = Path(settings.work_dir) / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = str(resolve_model(settings.model.path, settings.model.revision, settings.work_dir))
+    model_path = str(
+        resolve_model(settings.model.path, settings.model.revision, settings.work_dir, settings.model.dtype)
+    )
     _, tokens = prepare_data(settings, model_path, run_dir / "tokens.safetensors")
     log(f"run {run_id} in {run_dir}")
     return run_training_child(settings, model_path, tokens, run_dir, log, fresh=fresh)
@@ -81,7 +83,7 @@ def evaluate_stage(settings: Settings, adapter: str, against_champion: bool) -> 
     adapter_dir = fetch_adapter(settings, adapter)
     model_name, template = trained_with(settings, adapter_dir, None)
     settings = settings.model_copy(update={"template": template})
-    model_path = str(resolve_model(model_name, settings.model.revision, settings.work_dir))
+    model_path = str(resolve_model(model_name, settings.model.revision, settings.work_dir, settings.model.dtype))
     scratch = Path(settings.work_dir) / "cache" / "evaluate"
     scratch.mkdir(parents=True, exist_ok=True)
     splits, tokens = prepare_data(settings, model_path, scratch / "tokens.safetensors")
@@ -106,7 +108,7 @@ def generate_text(
 
     adapter_dir = fetch_adapter(settings, adapter) if adapter else None
     model_name, template = trained_with(settings, adapter_dir, model)
-    model_path = str(resolve_model(model_name, settings.model.revision, settings.work_dir))
+    model_path = str(resolve_model(model_name, settings.model.revision, settings.work_dir, settings.model.dtype))
     llm, tokenizer = load_for_eval(model_path, adapter_dir, trust_remote_code=settings.model.trust_remote_code)
     messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     return generate_one(llm, tokenizer, messages, template, max_tokens, on_text=on_text)

@@ -20,7 +20,7 @@ def load_model(settings: Settings, model_path: str) -> tuple[nn.Module, Any, Pat
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
-    model_dir = resolve_model(model_path, settings.model.revision, settings.work_dir)
+    model_dir = resolve_model(model_path, settings.model.revision, settings.work_dir, settings.model.dtype)
     model, tokenizer = load(
         str(model_dir),
         tokenizer_config={"trust_remote_code": settings.model.trust_remote_code},
