@@ -48,6 +48,10 @@ class EvaluationError(FinetuneError, ValueError):
     """An evaluation input problem, phrased for the user (names the file or config key)."""
 
 
+class ExportError(FinetuneError, ValueError):
+    """A bundle that cannot be exported as asked (corrupt bundle, unsupported architecture or type, failed check)."""
+
+
 class StorageError(FinetuneError, RuntimeError):
     """A storage problem, phrased as one line naming the store (never its credentials)."""
 
