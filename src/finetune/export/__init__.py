@@ -154,7 +154,9 @@ def _gguf(bundle, model, tokenizer, config, rows, out: Path, gguf_types: tuple[s
         path = out / file_name(gguf_type)
         write_gguf(path, weights, fused.config, meta, gguf_type, name)
         limit = GGUF_TOLERANCE[gguf_type] if tolerance is None else tolerance
-        verification[f"gguf_{gguf_type}_vs_fused"] = verify_gguf(path, fused.config, prompts, reference, limit, tokenizer)
+        verification[f"gguf_{gguf_type}_vs_fused"] = verify_gguf(
+            path, fused.config, prompts, reference, limit, tokenizer
+        )
     return verification, {"types": list(gguf_types), "tokenizer_pre": meta["pre"], "dtype": fused.dtype}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ExportError
-from finetune.export.source import max_abs, max_abs_diff, logits_of
+from finetune.export.source import logits_of, max_abs, max_abs_diff
 
 # max |Δlogit| allowed between base+adapter and fused, by the dtype the fused weights are stored in.
 FUSED_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
@@ -43,7 +43,11 @@ def fuse_in_place(model: Any, config: dict[str, Any], requantize: bool) -> tuple
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
-    fused = [(name, module.fuse(dequantize=not requantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [
+        (name, module.fuse(dequantize=not requantize))
+        for name, module in model.named_modules()
+        if hasattr(module, "fuse")
+    ]
     if not fused:
         raise ExportError("the bundle's adapter adapts no layer of the base model")
     model.update_modules(tree_unflatten(fused))
@@ -105,7 +109,9 @@ def _requantize(model: Any, quantized: dict[str, Any], adapted: set[str]) -> Any
         parent = name.removesuffix(".linear")
         if name.endswith(".linear") and parent in adapted:
             dense = modules[parent]
-            updates.append((parent, nn.QuantizedLinear.from_linear(dense, original.group_size, original.bits, mode=original.mode)))
+            updates.append(
+                (parent, nn.QuantizedLinear.from_linear(dense, original.group_size, original.bits, mode=original.mode))
+            )
         else:
             updates.append((name, original))
     model.update_modules(tree_unflatten(updates))

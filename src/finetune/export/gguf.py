@@ -33,7 +33,9 @@ def check_supported(config: dict[str, Any], gguf_types: tuple[str, ...]) -> None
         )
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
     if bad or not gguf_types:
-        raise ExportError(f"GGUF export: type {', '.join(bad) or '(none)'} not supported (supported: {', '.join(GGUF_TYPES)})")
+        raise ExportError(
+            f"GGUF export: type {', '.join(bad) or '(none)'} not supported (supported: {', '.join(GGUF_TYPES)})"
+        )
     scaling = config.get("rope_scaling")
     if scaling and (scaling.get("type") or scaling.get("rope_type")) not in (None, "linear", "default"):
         raise ExportError(f"GGUF export: rope_scaling {scaling!r} is not supported (linear only)")
@@ -77,7 +79,9 @@ def tokenizer_metadata(base_dir: Path, vocab_size: int, chat_template: str | Non
         by_id[added["id"]] = added["content"]
         types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
     if max(by_id) >= vocab_size:
-        raise ExportError(f"GGUF export: tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}")
+        raise ExportError(
+            f"GGUF export: tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}"
+        )
     tokens, token_types = [], []
     for i in range(vocab_size):  # llama.cpp wants one entry per embedding row, like its converter's [PADn]
         tokens.append(by_id.get(i, f"[PAD{i}]"))

@@ -146,7 +146,9 @@ def dense_weight(linear: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
     w = linear.weight
     if hasattr(linear, "scales"):
-        w = mx.dequantize(w, linear.scales, linear.biases, group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+        w = mx.dequantize(
+            w, linear.scales, linear.biases, group_size=linear.group_size, bits=linear.bits, mode=linear.mode
+        )
     bias = np.array(linear.bias.astype(mx.float32)) if "bias" in linear else None
     return np.array(w.astype(mx.float32)), bias
 
@@ -179,7 +181,9 @@ def verify_layers(model: Any, out_dir: Path, rows: int = 4, seed: int = 0) -> di
         "tolerance": LAYER_TOLERANCE,
     }
     if worst_rel > LAYER_TOLERANCE:
-        raise ExportError(f"PEFT export: layer outputs differ from MLX's by {worst:.3g} (tolerance {LAYER_TOLERANCE:g})")
+        raise ExportError(
+            f"PEFT export: layer outputs differ from MLX's by {worst:.3g} (tolerance {LAYER_TOLERANCE:g})"
+        )
     return figures
 
 
