@@ -17,6 +17,7 @@ from finetune.config import (
     SECTIONS,
     DatasetConfig,
     EvaluationConfig,
+    ExportConfig,
     LoraConfig,
     ModelConfig,
     Settings,
@@ -29,6 +30,7 @@ from finetune.publishing.retrain import base_model_ref
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
+from tasks.export import export_formats
 from tasks.prepare import check_storage, resolve_model
 from tasks.publish import (
     champion_bundle,
@@ -60,6 +62,7 @@ def finetune_pipeline(
     training: TrainingConfig = TrainingConfig(),
     evaluation: EvaluationConfig = EvaluationConfig(),
     storage: StorageConfig = StorageConfig(),
+    export: ExportConfig = ExportConfig(),
     work_dir: str = ".finetune",
     run_id: str | None = None,
     fresh: bool = False,
@@ -118,9 +121,9 @@ def finetune_pipeline(
     bundle_dir = assemble_bundle(
         run_dir, trained["adapter_dir"], model_path, settings.template, settings.public_dict(), metrics, reports
     )
-    published = publish_bundle(
-        settings.storage, run_id, bundle_dir, manifest_fields(settings, fetched["version"], tokens["version"], report)
-    )
+    exports = export_formats(bundle_dir, settings) if settings.export.formats else []
+    fields = manifest_fields(settings, fetched["version"], tokens["version"], report)
+    published = publish_bundle(settings.storage, run_id, bundle_dir, {**fields, "exports": exports})
     promotion = promote_candidate(
         settings.storage, run_id, report, settings.evaluation.promotion_margin, champion["run_id"] if champion else None
     )
@@ -137,6 +140,7 @@ def finetune_pipeline(
         "promoted": promotion["promoted"],
         "promotion_reason": promotion["reason"],
         "training": summary_of(trained),
+        "exports": [{"format": e["format"], "path": e["path"], "verification": e["verification"]} for e in exports],
     }
 
 

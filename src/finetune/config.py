@@ -272,7 +272,20 @@ class StorageConfig(Section):
     )
 
 
-SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage")
+class ExportConfig(Section):
+    """Optional export stage: each format is verified against the adapter and published in the bundle."""
+
+    formats: list[Literal["fused", "gguf", "peft"]] = Field(
+        [], description="Export the trained bundle as: fused (mlx-lm), gguf (llama.cpp/Ollama), peft (HF PEFT)."
+    )
+    gguf_types: list[Literal["f16", "q8_0"]] = Field(["f16"], min_length=1, description="GGUF tensor types to write.")
+    requantize: bool = Field(False, description="fused on a quantized base: quantize the merged layers back.")
+    peft_base_model_id: str | None = Field(
+        None, description="base_model_name_or_path for PEFT (default: model.path); a Hugging Face id."
+    )
+
+
+SECTIONS = ("dataset", "template", "model", "lora", "training", "evaluation", "storage", "export")
 # The sections that define the model; evaluation and storage only say how a run is judged and where it goes.
 MODEL_SECTIONS = ("dataset", "template", "model", "lora", "training")
 
@@ -293,6 +306,7 @@ class Settings(BaseSettings):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     storage: StorageConfig = StorageConfig()
+    export: ExportConfig = ExportConfig()
 
     @classmethod
     def settings_customise_sources(

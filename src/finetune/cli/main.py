@@ -191,6 +191,12 @@ def print_summary(result: dict) -> None:
     out.print(f"validation loss: base {base['val_loss']:.4f} -> adapter {cand['val_loss']:.4f}", highlight=False)
     out.print(f"perplexity:      base {base['val_ppl']:.2f} -> adapter {cand['val_ppl']:.2f}", highlight=False)
     out.print(f"published to {result['bundle_uri']}", highlight=False)
+    for export in result.get("exports") or []:
+        checks = ", ".join(
+            f"{name} {f.get('max_abs_logit_error', f.get('max_abs_error')):.3g}"
+            for name, f in export["verification"].items()
+        )
+        out.print(f"  export {export['format']}: {export['path']}/ (verified max |Δ|: {checks})", highlight=False)
     verdict = {True: "promoted to champion", False: "not promoted", None: "unchanged"}[result["promoted"]]
     if result.get("skipped"):
         verdict = "unchanged"
@@ -215,10 +221,11 @@ def command_name() -> str:
 
 
 def _register_subcommands() -> None:
-    from finetune.cli import data, store
+    from finetune.cli import data, export, store
 
     app.add_typer(data.app, name="data")
     store.register(app)
+    export.register(app)
 
 
 _register_subcommands()

@@ -258,3 +258,37 @@ def _atomic_write(path: Path, write: Any) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
     return Path(path)
+
+
+_EXPORT_USE = {
+    "fused": '`mlx_lm.load("{path}")` (an mlx-lm model directory, adapter merged)',
+    "gguf": "`llama-cli -m {path}/<file>.gguf`, or an Ollama Modelfile `FROM ./{path}/<file>.gguf`",
+    "peft": '`PeftModel.from_pretrained(base, "{path}")`, or vLLM `--enable-lora --lora-modules name={path}`',
+}
+
+
+def exports_markdown(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """The model card's "Exports" section: each file with its size and sha256, each check with its figures."""
+    lines = ["## Exports", "", "Each export was checked against base + adapter before it was published.", ""]
+    lines += ["| export | file | size | sha256 |", "|---|---|---:|---|"]
+    for s in summaries:
+        for name, entry in s["files"].items():
+            lines.append(f"| {s['format']} | `{name}` | {entry['size']:,} B | `{entry['sha256'][:16]}…` |")
+    lines += ["", "| export | check | max abs error | tolerance |", "|---|---|---:|---:|"]
+    for s in summaries:
+        for check, figures in s["verification"].items():
+            error = figures.get("max_abs_logit_error", figures.get("max_abs_error"))
+            lines.append(f"| {s['format']} | {check} | {error:.3g} | {figures['tolerance']:g} |")
+            if "requantize_max_abs_logit_error" in figures:
+                extra = figures["requantize_max_abs_logit_error"]
+                lines.append(f"| {s['format']} | re-quantization (reported) | {extra:.3g} | |")
+    lines += ["", "Use:", ""]
+    lines += [f"- {s['format']}: " + _EXPORT_USE[s["format"]].format(path=s["path"]) for s in summaries]
+    return "\n".join(lines) + "\n"
+
+
+def add_exports_to_card(card_path: Path, summaries: Sequence[Mapping[str, Any]]) -> Path:
+    """Append the Exports section to the bundle's model card (written before the exports existed)."""
+    text = Path(card_path).read_text(encoding="utf-8") if Path(card_path).is_file() else ""
+    text = text.split("\n## Exports\n", 1)[0].rstrip("\n") + "\n\n" + exports_markdown(summaries)
+    return _atomic_write(card_path, lambda f: f.write(text.encode("utf-8")))

@@ -173,3 +173,40 @@ def _peft(bundle, model, config, out: Path, base_model_id: str | None):
     base_id = base_model_id or (bundle.base_ref if not bundle.base_ref.startswith("builtin:") else str(bundle.base_dir))
     figures = write_peft(model, config, bundle.adapter_config, out, base_id, model_cfg.get("revision"))
     return {"peft_layers_vs_mlx": figures}, {"base_model_name_or_path": base_id}
+
+
+EXPORTS_DIR = "exports"  # inside a bundle: exports/<format>/...
+
+
+def export_into_bundle(bundle_dir: Path | str, settings: Any) -> list[dict[str, Any]]:
+    """The flow's export stage: each of ``settings.export.formats`` into ``<bundle>/exports/<format>``.
+
+    Returns one summary per format (bundle-relative files with sha256, verification figures, seconds)
+    for the manifest and the model card. A re-run replaces earlier exports of the same bundle.
+    """
+    cfg = settings.export
+    summaries = []
+    for fmt in cfg.formats:
+        result = export_bundle(
+            bundle_dir,
+            fmt,
+            Path(bundle_dir) / EXPORTS_DIR / fmt,
+            work_dir=settings.work_dir,
+            storage=settings.storage,
+            gguf_types=tuple(cfg.gguf_types),
+            requantize=cfg.requantize,
+            base_model_id=cfg.peft_base_model_id,
+            overwrite=True,
+        )
+        summaries.append(summary_of(result, f"{EXPORTS_DIR}/{fmt}"))
+    return summaries
+
+
+def summary_of(result: ExportResult, rel_dir: str) -> dict[str, Any]:
+    return {
+        "format": result.format,
+        "path": rel_dir,
+        "files": {f"{rel_dir}/{name}": asdict(entry) for name, entry in result.files.items()},
+        "verification": result.verification,
+        "seconds": result.seconds,
+    }

@@ -112,3 +112,11 @@ def generate_text(
     llm, tokenizer = load_for_eval(model_path, adapter_dir, trust_remote_code=settings.model.trust_remote_code)
     messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     return generate_one(llm, tokenizer, messages, template, max_tokens, on_text=on_text)
+
+
+def export_stage(settings: Settings, bundle: str, fmt: str, out: Path, **options: Any) -> Any:
+    """Fetch the bundle (a directory or a store reference) and export it, verified, to ``out``."""
+    from finetune.export import export_bundle
+
+    bundle_dir = fetch_adapter(settings, bundle)
+    return export_bundle(bundle_dir, fmt, out, work_dir=settings.work_dir, storage=settings.storage, **options)

@@ -52,8 +52,23 @@ MANIFEST_FORMAT = "finetune-manifest/1"
 REQUIRED_FILES = ADAPTER_FILES
 # Weights must be safetensors; everything else in a bundle is text, JSON or an image. Pickle-based
 # formats (.bin, .pt, .pkl, .ckpt, .npy…) are refused both when publishing and when fetching.
+# .gguf: exported models; like safetensors a typed tensor container, nothing in it is executed on load.
 ALLOWED_SUFFIXES = frozenset(
-    {".safetensors", ".json", ".jsonl", ".jinja", ".txt", ".md", ".yaml", ".yml", ".csv", ".png", ".svg", ".html"}
+    {
+        ".safetensors",
+        ".gguf",
+        ".json",
+        ".jsonl",
+        ".jinja",
+        ".txt",
+        ".md",
+        ".yaml",
+        ".yml",
+        ".csv",
+        ".png",
+        ".svg",
+        ".html",
+    }
 )
 _RESERVED_FIELDS = frozenset({"format", "run_id", "attempt_id", "created", "files", "store"})
 
