@@ -140,7 +140,7 @@ def test_quantized_base_is_dequantized_unless_requantize_is_asked(bundle, quanti
     assert requantized.total_size < dense.total_size
 
 
-def test_gguf_f16_reads_back_as_the_fused_model_and_q8_0_error_is_reported(bundle, work_dir, tmp_path):
+def test_gguf_f16_reads_back_as_the_fused_model_and_q8_0_error_is_reported(bundle, tiny_model_dir, work_dir, tmp_path):
     import gguf
 
     out = tmp_path / "gguf"
@@ -150,7 +150,21 @@ def test_gguf_f16_reads_back_as_the_fused_model_and_q8_0_error_is_reported(bundl
     assert 0 < q8["max_abs_logit_error"] < q8["tolerance"]
     assert f16["max_abs_logit_error"] < q8["max_abs_logit_error"]
     assert result.files["model-q8_0.gguf"].size < result.files["model-f16.gguf"].size
+    assert f16["tokenizer_agrees"] and q8["tokenizer_agrees"]
     assert_digests(result, out)
+
+    # Independently of the exporter: imported as a model directory, it answers like base + adapter.
+    from mlx_lm import load
+
+    from finetune.model.gguf import import_gguf
+
+    imported, imported_tokenizer = load(str(import_gguf(out / "model-f16.gguf", tmp_path / "cache", "float32")))
+    adapted, tokenizer = load(str(tiny_model_dir), adapter_path=str(bundle))
+    prompts = prompt_ids(tiny_model_dir)
+    assert max_logit_diff(adapted, imported, prompts) < 0.05
+    assert imported_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == (
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    )
 
     reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
     fields = {name: reader.fields[name] for name in reader.fields}

@@ -206,47 +206,30 @@ def write_gguf(
 # ---------------------------------------------------------------- read back (verification)
 
 
-def read_back(path: Path, config: dict[str, Any]) -> Any:
-    """The model a GGUF importer makes of ``path`` (float32), for comparing logits with the fused model.
+def read_back(path: Path, scratch: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) as the project's GGUF importer makes them of ``path``, dequantized to float32."""
+    from mlx_lm import load
 
-    Interim minimal mapping until the project's importer (finetune.model.gguf) is on main.
-    """
-    import mlx.core as mx
-    from mlx_lm.gguf import translate_weight_names
-    from mlx_lm.models import llama
+    from finetune.errors import ModelError
+    from finetune.model.gguf import convert_dtype, read_gguf, write_model_dir
 
-    loaded = mx.load(str(path), return_metadata=True)[0]
-    weights = {}
-    inverse = {translate_weight_names(k): k for k in _mlx_names(config)}
-    for gguf_name in {k.rsplit(".", 1)[0] for k in loaded}:
-        w = loaded[f"{gguf_name}.weight"]
-        if f"{gguf_name}.scales" in loaded:
-            scales, biases = loaded[f"{gguf_name}.scales"], loaded[f"{gguf_name}.biases"]
-            bits = w.shape[1] * 32 // (scales.shape[1] * 32)
-            w = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits)
-        name = inverse[f"{gguf_name}.weight"]
-        w = w.astype(mx.float32)
-        heads = config["num_attention_heads"]
-        if ".self_attn.q_proj." in name:
-            w = _unpermute(w, heads)
-        elif ".self_attn.k_proj." in name:
-            w = _unpermute(w, config.get("num_key_value_heads", heads))
-        weights[name] = w
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.load_weights(list(weights.items()), strict=True)
+    try:
+        contents = convert_dtype(read_gguf(path), "float32")
+    except ModelError as exc:
+        raise ExportError(f"GGUF {path.name}: the importer cannot read it back: {exc}") from None
+    directory = write_model_dir(contents, scratch, {"source": path.name, "purpose": "export verification"})
+    model, tokenizer = load(str(directory))
     model.eval()
-    return model
+    return model, tokenizer
 
 
-def _unpermute(w: Any, heads: int) -> Any:
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _mlx_names(config: dict[str, Any]) -> list[str]:
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    return [k for k, _ in tree_flatten(llama.Model(llama.ModelArgs.from_dict(config)).parameters())]
+def _same_tokens(tokenizer: Any, other: Any, prompts: list[list[int]]) -> bool:
+    """Both tokenizers split the verification prompts' text into the same ids."""
+    for ids in prompts:
+        text = tokenizer.decode(ids)
+        if tokenizer.encode(text, add_special_tokens=False) != other.encode(text, add_special_tokens=False):
+            return False
+    return True
 
 
 def file_name(gguf_type: str) -> str:
@@ -256,17 +239,28 @@ def file_name(gguf_type: str) -> str:
 def verify_gguf(
     path: Path, config: dict[str, Any], prompts: list[list[int]], reference: list[Any], tolerance: float, tokenizer: Any
 ) -> dict[str, Any]:
-    """Read the file back and compare its logits with the fused model's; ExportError beyond ``tolerance``."""
+    """Read the file back with the importer and compare logits (and tokenization) with the fused model's.
+
+    ExportError when the logits differ beyond ``tolerance`` or the tokenizer splits text differently.
+    """
+    import tempfile
+
     from finetune.export.source import logits_of, max_abs_diff
 
-    model = read_back(path, config)
-    error = max_abs_diff(reference, logits_of(model, prompts))
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.parent) as scratch:
+        model, imported_tokenizer = read_back(path, Path(scratch) / "model")
+        error = max_abs_diff(reference, logits_of(model, prompts))
+        same_tokens = _same_tokens(tokenizer, imported_tokenizer, prompts)
     figures = {
-        "check": "max |logit(fused) - logit(GGUF read back)| over every position of the verification prompts",
+        "check": "max |logit(fused) - logit(GGUF read back by finetune's importer)| over every position of the "
+        "verification prompts; the imported tokenizer splits their text the same way",
         "max_abs_logit_error": error,
         "tolerance": tolerance,
+        "tokenizer_agrees": same_tokens,
         "size": path.stat().st_size,
     }
     if error > tolerance:
         raise ExportError(f"GGUF {path.name}: read back differs from the fused model by {error:.3g} > {tolerance:.3g}")
+    if not same_tokens:
+        raise ExportError(f"GGUF {path.name}: the tokenizer read back splits the verification prompts differently")
     return figures

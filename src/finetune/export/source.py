@@ -92,7 +92,7 @@ def open_bundle(bundle_dir: Path | str, work_dir: Path | str, base_ref: str | No
     ref = base_ref or model.get("path")
     if not ref:
         raise ExportError(f"bundle {bundle_dir / CONFIG_FILE}: model.path missing (pass the base model explicitly)")
-    base_dir = resolve_model(ref, model.get("revision"), work_dir)
+    base_dir = resolve_model(ref, model.get("revision"), work_dir, model.get("dtype", "auto"))
     return BundleSource(bundle_dir, adapter_config, run_config, ref, Path(base_dir))
 
 
