@@ -49,6 +49,16 @@ def fetch_source(cfg: DatasetConfig, storage: StorageConfig | None, scratch: Pat
         return download_uri(storage or StorageConfig(), source, scratch / "s3"), source
     if source.startswith("https://"):
         return _fetch_https(source, scratch, cfg), display_url(source)
+    path = check_source(cfg)
+    assert path is not None  # every remote kind was handled above
+    return path, str(path)
+
+
+def check_source(cfg: DatasetConfig) -> Path | None:
+    """What can be checked without fetching: a local source's path (which must exist); None for remote sources."""
+    source = cfg.source.strip()
+    if source == BUILTIN_CAPITALS or source.startswith(("hf:", "s3://", "https://")):
+        return None
     if source.startswith("file://"):
         parts = urlsplit(source)
         path = Path(unquote(parts.path if parts.netloc in ("", "localhost") else f"//{parts.netloc}{parts.path}"))
@@ -60,7 +70,7 @@ def fetch_source(cfg: DatasetConfig, storage: StorageConfig | None, scratch: Pat
         path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"dataset.source {source!r}: no such file or directory")
-    return path, str(path)
+    return path
 
 
 def display_url(url: str) -> str:
