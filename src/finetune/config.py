@@ -28,7 +28,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from finetune.errors import ConfigError, EvaluationError
+from finetune.errors import ConfigError
+from finetune.schemas import load_json_schema
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -403,26 +404,3 @@ def describe_validation_error(exc: ValidationError, path: Path | None = None) ->
         else:
             lines.append(f"config key {key!r}: {err['msg']}{where}")
     return "; ".join(lines)
-
-
-def load_json_schema(value: dict[str, Any] | Path) -> dict[str, Any]:
-    """``evaluation.json_schema`` as a checked JSON schema (inline mapping or a .json file)."""
-    from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import validator_for
-
-    where = "evaluation.json_schema"
-    if isinstance(value, Path):
-        where = f"evaluation.json_schema file {value}"
-        try:
-            value = json.loads(value.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise EvaluationError(f"{where}: cannot read ({exc.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EvaluationError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise EvaluationError(f"{where}: a JSON schema must be an object")
-    try:
-        validator_for(value).check_schema(value)
-    except SchemaError as exc:
-        raise EvaluationError(f"{where}: not a valid JSON schema ({exc.message})") from None
-    return dict(value)

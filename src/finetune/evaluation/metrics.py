@@ -10,7 +10,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune.config import EvaluationConfig, load_json_schema
+from finetune.config import EvaluationConfig
+from finetune.schemas import load_json_schema
 
 LOWER_IS_BETTER_SUFFIXES = ("_loss", "_ppl")
 

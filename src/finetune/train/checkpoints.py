@@ -49,6 +49,21 @@ class Checkpoint:
         return self.path / name
 
 
+@dataclass
+class LoopState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # micro-batches of ``epoch`` already consumed
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    skipped_batches: int = 0
+    supervised_tokens: int = 0
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,27 @@ from finetune.fsutil import atomic_dir
 from finetune.layout import ADAPTER_CONFIG_FILE, ADAPTER_FILE, TRAIN_LOCK_FILE
 from finetune.train import checkpoints
 from finetune.train.lora import lora_parameters
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    initial_val_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    resumed_from: int | None
+    skipped_batches: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{**data, "adapter_dir": Path(data["adapter_dir"])})
 
 
 def write_adapter(out_dir: Path, weights: dict[str, mx.array], settings: Settings, info: dict[str, Any]) -> Path:

@@ -23,14 +23,11 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from finetune.config import Settings
@@ -39,6 +36,7 @@ from finetune.errors import FingerprintMismatch, TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints
 from finetune.train.batching import Batch
+from finetune.train.checkpoints import LoopState
 from finetune.train.fingerprints import (
     check_fingerprints,
     data_fingerprint,
@@ -46,48 +44,13 @@ from finetune.train.fingerprints import (
     tokenizer_fingerprint,
 )
 from finetune.train.lora import build_optimizer, load_model, step_seed
-from finetune.train.outputs import read_history, rewrite_events, run_lock, write_adapter
+from finetune.train.outputs import TrainResult, read_history, rewrite_events, run_lock, write_adapter
 from finetune.train.progress import ProgressWindow
+from finetune.train.step import compile_steps
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    steps: int
-    initial_val_loss: float | None
-    final_val_loss: float | None
-    best_val_loss: float | None
-    best_step: int | None
-    stopped_early: bool
-    resumed_from: int | None
-    skipped_batches: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainResult:
-        return cls(**{**data, "adapter_dir": Path(data["adapter_dir"])})
-
-
-@dataclass
-class LoopState:
-    """Everything besides tensors that a checkpoint must restore."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0  # micro-batches of ``epoch`` already consumed
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    skipped_batches: int = 0
-    supervised_tokens: int = 0
 
 
 # ---------------------------------------------------------------- data check
@@ -198,37 +161,7 @@ class Trainer:
     # ----- compiled functions (built after restore: compile captures the optimizer state object)
 
     def _compile(self) -> None:
-        model, optimizer, clip = self.model, self.optimizer, self.t.grad_clip
-
-        def loss_sum(inputs, targets, mask):
-            logits = model(inputs)
-            return (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-
-        value_and_grad = nn.value_and_grad(model, loss_sum)
-
-        # model.state is an output too: value_and_grad leaves the traced parameters in the model.
-        grad_state = [model.state, mx.random.state]
-
-        @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-        def grad_fn(inputs, targets, mask):
-            loss, grads = value_and_grad(inputs, targets, mask)
-            sq_norm = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
-            return loss, sq_norm, grads
-
-        state = [model.state, optimizer.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def update_fn(grads, n_targets):
-            grads = tree_map(lambda g: g / n_targets, grads)
-            if clip is not None:
-                grads, _ = optim.clip_grad_norm(grads, clip)
-            optimizer.update(model, grads)
-
-        @partial(mx.compile, inputs=[model.state])
-        def eval_fn(inputs, targets, mask):
-            return loss_sum(inputs, targets, mask)
-
-        self._grad_fn, self._update_fn, self._eval_fn = grad_fn, update_fn, eval_fn
+        self._grad_fn, self._update_fn, self._eval_fn = compile_steps(self.model, self.optimizer, self.t.grad_clip)
 
     # ----- data cursor
 
