@@ -129,7 +129,7 @@ def test_model_card(tmp_path: Path) -> None:
         "| training.iters | `200` |",
         "| validation loss * | 6.5000 | 1.5000 |",
         "![training and validation loss](loss_curve.png)",
-        "# adapter_path: a local copy of s3://bucket/runs/run-7",
+        "# adapter_path: a verified local copy, made with `finetune pull s3://bucket/runs/run-7 bundle`",
         'load("mlx-community/Qwen2.5-0.5B-Instruct-4bit", adapter_path="bundle")',
         'finetune generate --adapter s3://bucket/runs/run-7 "Your question"',
         "promoted",

@@ -1,4 +1,4 @@
-"""Store commands: ``finetune runs list|show``, ``finetune champion``, ``finetune promote``, ``finetune gc``.
+"""Store commands: ``finetune runs list|show``, ``champion``, ``promote``, ``gc`` and ``pull``.
 
 Register on the main app with :func:`register`. Every command reads the store from the
 configuration (``-c CONFIG``, ``--set storage.uri=…``, ``FINETUNE_STORAGE__*``).
@@ -170,6 +170,25 @@ def gc(
     )
 
 
+def pull(
+    ref: Annotated[
+        str, typer.Argument(help="<store>/runs/<run_id> or <store>/champion (s3://…, file://… or a directory).")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Directory to create: the bundle's files, verified, ready for mlx_lm.load.")
+    ],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Download a published bundle into a plain directory, each file checked against the manifest's sha256."""
+    from finetune.config import load_settings
+    from finetune.publishing import pull_bundle
+
+    with _user_errors():
+        path = pull_bundle(ref, out, load_settings(config, overrides or []).storage)
+    typer.echo(f"bundle in {path}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -184,3 +203,4 @@ def register(app: typer.Typer) -> None:
     app.command("champion")(champion)
     app.command("promote")(promote)
     app.command("gc")(gc)
+    app.command("pull")(pull)

@@ -4,7 +4,7 @@ from finetune.errors import PublishError
 from finetune.layout import check_run_id, manifest_key, run_key
 from finetune.publishing.catalog import GcReport, RunSummary, gc, list_runs
 from finetune.publishing.champion import PromotionDecision, promote, promote_if_better, read_champion
-from finetune.publishing.fetch import fetch_bundle, split_ref
+from finetune.publishing.fetch import fetch_bundle, pull_bundle, split_ref
 from finetune.publishing.publish import (
     ALLOWED_SUFFIXES,
     AlreadyPublished,
@@ -33,6 +33,7 @@ __all__ = [
     "promote",
     "promote_if_better",
     "publish_run",
+    "pull_bundle",
     "read_champion",
     "read_manifest",
     "run_key",

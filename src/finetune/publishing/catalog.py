@@ -53,7 +53,8 @@ def list_runs(store: Store) -> list[RunSummary]:
     summaries = []
     for run_id, infos in _group_runs(store).items():
         manifest = read_manifest(store, run_id) if any(i.key.endswith("/manifest.json") for i in infos) else None
-        attempts = {
+        attempts = {(manifest or {}).get("attempt_id")} - {None}  # a local store moved its files into the run
+        attempts |= {
             i.key.split("/")[3] for i in infos if i.key.split("/")[2] == "attempts" and len(i.key.split("/")) > 4
         }
         evaluation = (manifest or {}).get("evaluation") or {}

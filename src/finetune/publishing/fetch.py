@@ -5,19 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from finetune.config import StorageConfig
-from finetune.layout import ADAPTER_CONFIG_FILE, ADAPTER_FILES, attempt_key, check_run_id, manifest_key, run_key
+from finetune.fsutil import atomic_dir
+from finetune.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILES,
+    MANIFEST_FILE,
+    attempt_key,
+    check_run_id,
+    manifest_key,
+    run_key,
+)
 from finetune.publishing.champion import read_champion
 from finetune.publishing.publish import BundleError, bundle_files, check_bundle_name, read_manifest
 from finetune.store import (
+    LocalStore,
     Store,
     UnsafeKeyError,
     file_digest,
@@ -59,10 +66,42 @@ def fetch_bundle(ref: str | Path, cache_dir: Path, cfg: StorageConfig) -> Path:
     """
     text = str(ref)
     local = Path(text)
-    if "://" not in text and local.is_dir() and (local / ADAPTER_CONFIG_FILE).is_file():
+    published_here = (local / MANIFEST_FILE).is_file()  # a local store's run directory: check it against its manifest
+    if "://" not in text and local.is_dir() and (local / ADAPTER_CONFIG_FILE).is_file() and not published_here:
         bundle_files(local)  # the same safety rules as a downloaded bundle
         return local
-    store_part, run_id = split_ref(text)
+    store, run_id, manifest = _published(text, cfg)
+    files = _checked_files(store, run_id, manifest)
+    in_place = Path(store.uri_for(run_key(run_id)))
+    if isinstance(store, LocalStore) and all(e["key"] == f"{run_key(run_id)}/{n}" for n, e in files.items()):
+        # A local store's run directory is the bundle: verify it where it is.
+        bad = _mismatch(in_place, files)
+        if bad is not None:
+            raise BundleError(f"{in_place / bad}: does not match the manifest's sha256; refusing to load")
+        return in_place
+    return _materialize(store, run_id, manifest, Path(cache_dir))
+
+
+def pull_bundle(ref: str, dest: Path, cfg: StorageConfig) -> Path:
+    """Download ``<store>/runs/<run_id>`` (or ``<store>/champion``) into the plain directory ``dest``, verified.
+
+    ``dest`` must not exist yet (or be empty); it appears only once every file matched the manifest.
+    """
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BundleError(f"{dest}: already exists and is not an empty directory")
+    store, run_id, manifest = _published(ref, cfg)
+    if dest.exists():
+        dest.rmdir()
+    with atomic_dir(dest) as tmp:
+        _download(store, run_id, manifest, tmp)
+    log.info("pulled run %s from %s into %s", run_id, store.uri, dest)
+    return dest
+
+
+def _published(ref: str, cfg: StorageConfig) -> tuple[Store, str, dict[str, Any]]:
+    """The store, run id and manifest a ``<store>/runs/<run_id>`` or ``<store>/champion`` reference names."""
+    store_part, run_id = split_ref(ref)
     store = open_store(cfg, store_part or None)
     if run_id is None:
         champion = read_champion(store)
@@ -72,7 +111,7 @@ def fetch_bundle(ref: str | Path, cache_dir: Path, cfg: StorageConfig) -> Path:
     manifest = read_manifest(store, run_id)
     if manifest is None:
         raise BundleError(f"{store.uri_for(run_key(run_id))}: run not published (no manifest)")
-    return _materialize(store, run_id, manifest, Path(cache_dir))
+    return store, run_id, manifest
 
 
 def _checked_files(store: Store, run_id: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -88,7 +127,8 @@ def _checked_files(store: Store, run_id: str, manifest: Mapping[str, Any]) -> di
             safe_key(key)
         except UnsafeKeyError as exc:
             raise BundleError(f"{where}: {exc}") from None
-        if not key.startswith(staging) or not isinstance(entry.get("sha256"), str):
+        in_run = key == f"{run_key(run_id)}/{name}"  # a local store's bundle, in the run's directory
+        if not (key.startswith(staging) or in_run) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{where}: entry {name!r} points outside the run's published attempt")
     missing = [name for name in ADAPTER_FILES if name not in files]
     if missing:
@@ -96,44 +136,42 @@ def _checked_files(store: Store, run_id: str, manifest: Mapping[str, Any]) -> di
     return files
 
 
-def _verified(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> bool:
+def _mismatch(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The first listed file that is missing from ``directory`` or differs from its manifest entry."""
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
-            return False
+            return name
         digest = file_digest(path)
         if digest.sha256 != entry["sha256"] or digest.size != entry.get("size", digest.size):
-            return False
-    return True
+            return name
+    return None
 
 
 def _materialize(store: Store, run_id: str, manifest: Mapping[str, Any], cache_dir: Path) -> Path:
+    """A verified copy in the cache, reused while it still matches the manifest."""
     files = _checked_files(store, run_id, manifest)
     store_tag = hashlib.sha256(store.uri.encode()).hexdigest()[:12]
-    final = cache_dir / "bundles" / store_tag / run_id / str(manifest["attempt_id"])
-    check_run_id(str(manifest["attempt_id"]))
-    if final.is_dir() and _verified(final, files):
+    final = cache_dir / "bundles" / store_tag / run_id / check_run_id(str(manifest["attempt_id"]))
+    if final.is_dir() and _mismatch(final, files) is None:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-"))
-    try:
-        for name, entry in files.items():
-            dest = partial / name
-            if not dest.resolve().is_relative_to(partial.resolve()):
-                raise BundleError(f"{store.uri}: {name!r} would be written outside the cache")
-            store.get_file(entry["key"], dest)
-            got = file_digest(dest)
-            if got.sha256 != entry["sha256"] or got.size != entry.get("size", got.size):
-                raise BundleError(
-                    f"{store.uri_for(entry['key'])}: sha256 {got.sha256[:12]}… does not match the manifest's "
-                    f"{entry['sha256'][:12]}…; refusing to load"
-                )
-        (partial / _LOCAL_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)  # a stale or damaged copy
-        os.replace(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with atomic_dir(final) as tmp:  # a stale or damaged copy is replaced
+        _download(store, run_id, manifest, tmp)
     log.info("fetched run %s from %s into %s", run_id, store.uri, final)
     return final
+
+
+def _download(store: Store, run_id: str, manifest: Mapping[str, Any], out: Path) -> None:
+    """Every file the manifest lists into ``out``, each checked against its sha256 and size."""
+    for name, entry in _checked_files(store, run_id, manifest).items():
+        dest = out / name
+        if not dest.resolve().is_relative_to(out.resolve()):
+            raise BundleError(f"{store.uri}: {name!r} would be written outside {out}")
+        store.get_file(entry["key"], dest)
+        got = file_digest(dest)
+        if got.sha256 != entry["sha256"] or got.size != entry.get("size", got.size):
+            raise BundleError(
+                f"{store.uri_for(entry['key'])}: sha256 {got.sha256[:12]}… does not match the manifest's "
+                f"{entry['sha256'][:12]}…; refusing to load"
+            )
+    (out / _LOCAL_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

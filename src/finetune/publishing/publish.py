@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from finetune.errors import PublishError, StorageError
-from finetune.layout import ADAPTER_FILES, attempt_key, manifest_key, run_key
+from finetune.layout import ADAPTER_FILES, ATTEMPTS_DIR, MANIFEST_FILE, attempt_key, manifest_key, run_key
 from finetune.store import (
     ConditionalConflict,
     FileDigest,
@@ -211,13 +211,41 @@ def publish_run(
     clash = _RESERVED_FIELDS.intersection(manifest_fields)
     if clash:
         raise PublishError(f"manifest fields {sorted(clash)} are reserved")
+    taken = sorted(name for name in files if name == MANIFEST_FILE or name.startswith(f"{ATTEMPTS_DIR}/"))
+    if taken:
+        raise BundleError(f"bundle {bundle_dir}: {', '.join(taken)}: names the store uses for itself")
     digests = {name: file_digest(path) for name, path in files.items()}
 
     existing = read_manifest(store, run_id)
     if existing is not None:
         return _existing(store, run_id, existing, digests)
-
     attempt_id = attempt_id or new_id()
+    staging = _upload(store, run_id, attempt_id, files, digests)
+    # Locally, no other attempt may move its files into the run's directory while this one commits.
+    with store.lock(run_key(run_id)):
+        existing = read_manifest(store, run_id)
+        if existing is not None:
+            return _existing(store, run_id, existing, digests)
+        keys = store.finalize(staging, run_key(run_id), list(files))
+        manifest = {
+            **manifest_fields,
+            "format": MANIFEST_FORMAT,
+            "run_id": run_id,
+            "attempt_id": attempt_id,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": {name: {"key": keys[name], "sha256": d.sha256, "size": d.size} for name, d in digests.items()},
+        }
+        written = _write_manifest(store, run_id, attempt_id, manifest, digests)
+    if written.get("attempt_id") != attempt_id:
+        return _existing(store, run_id, written, digests)
+    log.info("published run %s: %s", run_id, store.uri_for(manifest_key(run_id)))
+    return PublishedRun(run_id, attempt_id, manifest_key(run_id), store.uri_for(run_key(run_id)), written)
+
+
+def _upload(
+    store: Store, run_id: str, attempt_id: str, files: Mapping[str, Path], digests: Mapping[str, FileDigest]
+) -> str:
+    """Upload and verify every file under the attempt's own staging prefix; returns the prefix."""
     staging = attempt_key(run_id, attempt_id)
     log.info(
         "publishing run %s to %s (attempt %s, %d files)", run_id, store.uri_for(run_key(run_id)), attempt_id, len(files)
@@ -230,17 +258,13 @@ def publish_run(
             store.verify(key, digest)
 
         run_step(store, f"upload {store.uri_for(key)}", upload)
+    return staging
 
-    manifest = {
-        **manifest_fields,
-        "format": MANIFEST_FORMAT,
-        "run_id": run_id,
-        "attempt_id": attempt_id,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": {
-            name: {"key": join_key(staging, name), "sha256": d.sha256, "size": d.size} for name, d in digests.items()
-        },
-    }
+
+def _write_manifest(
+    store: Store, run_id: str, attempt_id: str, manifest: dict[str, Any], digests: Mapping[str, FileDigest]
+) -> dict[str, Any]:
+    """The commit point: write the manifest once (If-None-Match), reconciling a 412 by re-reading."""
     body = _manifest_bytes(manifest, store)
     key = manifest_key(run_id)
 
@@ -261,11 +285,7 @@ def publish_run(
                 f"{current.get('attempt_id') if current else '?'}; not overwritten"
             ) from None
 
-    written = run_step(store, f"write {store.uri_for(key)}", write_manifest)
-    if written.get("attempt_id") != attempt_id:
-        return _existing(store, run_id, written, digests)
-    log.info("published run %s: %s", run_id, store.uri_for(key))
-    return PublishedRun(run_id, attempt_id, key, store.uri_for(run_key(run_id)), written)
+    return run_step(store, f"write {store.uri_for(key)}", write_manifest)
 
 
 def _existing(store: Store, run_id: str, manifest: dict[str, Any], digests: Mapping[str, FileDigest]) -> PublishedRun:

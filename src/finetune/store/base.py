@@ -14,6 +14,7 @@ explicit timeouts). Nothing in this module retries on top of it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import uuid
@@ -154,6 +155,18 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete one object; deleting a missing object is not an error."""
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Exclusive access to ``key`` among this store's writers; S3 needs none (its conditional writes decide)."""
+        return contextlib.nullcontext()
+
+    def finalize(self, staging: str, final: str, names: list[str]) -> dict[str, str]:
+        """Where the verified files of ``staging`` are read from once published (name -> key).
+
+        S3 keeps them in place (the manifest points at the attempt); a local store moves them into
+        ``final`` so that the run's directory itself is the bundle.
+        """
+        return {name: join_key(staging, name) for name in names}
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None

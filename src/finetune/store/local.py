@@ -121,6 +121,19 @@ class LocalStore(Store):
                     self._install(tmp, dest, exclusive=False)
         return _local_etag(data)
 
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return self._lock(key)
+
+    def finalize(self, staging: str, final: str, names: list[str]) -> dict[str, str]:
+        keys = {}
+        for name in names:
+            src, dest = self._path(f"{staging}/{name}"), self._path(f"{final}/{name}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)  # each file appears whole; the manifest written next makes them the bundle
+            fsync_dir(dest.parent)
+            keys[name] = f"{final}/{name}"
+        return keys
+
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
         import fcntl
