@@ -7,26 +7,29 @@ form. Secrets are not parameters: workers read them from their environment
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import State, flow, get_run_logger
 from prefect.runtime import flow_run
 
+from finetune import layout
 from finetune.config import (
-    SECTIONS,
     DatasetConfig,
     EvaluationConfig,
     ExportConfig,
     LoraConfig,
     ModelConfig,
-    Settings,
     StorageConfig,
     TemplateConfig,
     TrainingConfig,
-    load_settings,
 )
-from finetune.publishing.retrain import base_model_ref
+from finetune.pipeline.summary import (
+    already_published,
+    bundle_metrics,
+    manifest_fields,
+    settings_from_sections,
+    training_summary,
+)
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
@@ -45,7 +48,7 @@ from tasks.schedule import (
     nothing_changed,
     training_slot,
 )
-from tasks.train import train_adapter_task
+from tasks.train import train_with_retries
 
 
 def default_run_id() -> str:
@@ -74,15 +77,25 @@ def finetune_pipeline(
     last published run's, unless ``force``.
     """
     enter_worker_dir()
-    settings = settings_from_parameters(locals())
+    settings = settings_from_sections(
+        work_dir,
+        dataset=dataset,
+        template=template,
+        model=model,
+        lora=lora,
+        training=training,
+        evaluation=evaluation,
+        storage=storage,
+        export=export,
+    )
     run_id = run_id or default_run_id()
-    run_dir = str(Path(work_dir) / "runs" / run_id)
+    run_dir = str(layout.run_dir(work_dir, run_id))
     get_run_logger().info("run %s in %s", run_id, run_dir)
     log_late_start()
 
     store_uri = check_storage(settings.storage)
     if done := find_published_run(settings.storage, run_id):
-        return {**summary_of_manifest(done), "run_dir": run_dir, "store": store_uri}
+        return already_published(done, run_dir, store_uri)
     model_path = resolve_model(settings.model.path, settings.model.revision, work_dir, settings.model.dtype)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
@@ -94,7 +107,7 @@ def finetune_pipeline(
     report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
 
     with training_slot():
-        trained = train_adapter_task(settings)(settings, model_path, tokens["path"], run_dir, fresh=fresh)
+        trained = train_with_retries(settings, model_path, tokens["path"], run_dir, fresh=fresh)
 
     champion = champion_bundle(settings.storage, work_dir)
     report = evaluate_adapter(
@@ -107,6 +120,7 @@ def finetune_pipeline(
         champion_dir=champion["path"] if champion else None,
     )
 
+    bundle_uri = layout.run_ref(store_uri, run_id)
     reports = write_reports(
         report,
         trained["history"],
@@ -115,11 +129,16 @@ def finetune_pipeline(
         data_version=fetched["version"],
         hyperparameters={"lora": settings.lora.model_dump(), "training": settings.training.model_dump()},
         run_id=run_id,
-        bundle_uri=f"{store_uri.rstrip('/')}/runs/{run_id}",
+        bundle_uri=bundle_uri,
     )
-    metrics = {"evaluation": report["metrics"], "decision": report["decision"], "training": summary_of(trained)}
     bundle_dir = assemble_bundle(
-        run_dir, trained["adapter_dir"], model_path, settings.template, settings.public_dict(), metrics, reports
+        run_dir,
+        trained["adapter_dir"],
+        model_path,
+        settings.template,
+        settings.public_dict(),
+        bundle_metrics(report, trained),
+        reports,
     )
     exports = export_formats(bundle_dir, settings) if settings.export.formats else []
     fields = manifest_fields(settings, fetched["version"], tokens["version"], report)
@@ -139,57 +158,6 @@ def finetune_pipeline(
         "metrics": report["metrics"],
         "promoted": promotion["promoted"],
         "promotion_reason": promotion["reason"],
-        "training": summary_of(trained),
+        "training": training_summary(trained),
         "exports": [{"format": e["format"], "path": e["path"], "verification": e["verification"]} for e in exports],
-    }
-
-
-def flow_parameters(settings: Settings) -> dict[str, Any]:
-    """The flow's parameters for these settings (the sections and the work directory)."""
-    return {**{name: getattr(settings, name) for name in SECTIONS}, "work_dir": str(settings.work_dir)}
-
-
-def settings_from_parameters(parameters: dict[str, Any]) -> Settings:
-    """Flow parameters over the worker's environment; secrets left unset come from the environment."""
-    sections = {
-        name: value.model_dump(exclude_none=True) for name, value in parameters.items() if hasattr(value, "model_dump")
-    }
-    return load_settings(overrides={"work_dir": parameters["work_dir"], **sections})
-
-
-def summary_of(trained: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in trained.items() if k not in ("history", "adapter_dir")}
-
-
-def summary_of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": manifest["run_id"],
-        "bundle_uri": manifest["uri"],
-        "dataset_version": manifest.get("dataset_version"),
-        "metrics": manifest.get("metrics", {}),
-        "promoted": None,
-        "promotion_reason": "already published by an earlier run; nothing done",
-    }
-
-
-def manifest_fields(
-    settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]
-) -> dict[str, Any]:
-    from finetune import __version__
-
-    candidate = report["metrics"]["candidate"]
-    return {
-        "base_model": base_model_ref(settings.model),
-        "dataset_version": data_version,
-        "tokenized_version": tokens_version,
-        "config": settings.public_dict(),
-        "config_fingerprint": settings.fingerprint(),
-        "metrics": report["metrics"],
-        "decision": report["decision"],
-        "evaluation": {
-            "metric": report["primary_metric"],
-            "score": candidate.get(report["primary_metric"]),
-            "higher_is_better": report["higher_is_better"],
-        },
-        "code_version": __version__,
     }

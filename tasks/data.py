@@ -6,7 +6,6 @@ training child reads the tokenized file by path.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -22,21 +21,14 @@ from prefect.logging.loggers import task_run_logger
 from prefect.states import State
 
 from finetune.config import DatasetConfig, StorageConfig, TemplateConfig
-from finetune.data import (
-    FetchError,
-    Splits,
-    load_splits,
-    read_tokenized,
-    save_tokenized,
-    tokenize_splits,
-    tokenized_version,
-)
+from finetune.data import Splits, read_tokenized
 from finetune.data.report import build_report, report_markdown, write_report
-from finetune.data.templating import load_tokenizer, template_fingerprint
+from finetune.errors import FetchError
+from finetune.layout import BUILD_ID_FILE, TOKENIZED_FILE
+from finetune.pipeline import stages
 
+__all__ = ["TOKENIZED_FILE", "fetch_dataset", "report_dataset", "template_dataset"]
 REPORT_KEY = "data-report"
-TOKENIZED_FILE = "tokens.safetensors"
-BUILD_ID_FILE = "build-id"
 CACHE_DAYS = 30
 
 
@@ -71,31 +63,19 @@ def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_di
     Always runs: whether the data changed is only known after reading it.
     """
     logger = get_run_logger()
-    splits = load_splits(dataset, storage, Path(work_dir))
-    counts = splits.counts()
-    logger.info("dataset version %s: %s", splits.version()[:16], ", ".join(f"{k} {v} rows" for k, v in counts.items()))
-    if splits.bad_rows:
-        logger.warning("skipped %d bad rows (dataset.on_bad_row=skip); first: %s", splits.bad_rows, splits.problems[0])
+    fetched = stages.fetch_dataset(dataset, storage, work_dir)
+    rows = ", ".join(f"{k} {v} rows" for k, v in fetched.counts.items())
+    logger.info("dataset version %s: %s", fetched.version[:16], rows)
+    if fetched.bad_rows:
+        logger.warning(
+            "skipped %d bad rows (dataset.on_bad_row=skip); first: %s", fetched.bad_rows, fetched.problems[0]
+        )
     return {
-        "version": splits.version(),
-        "directory": str(splits.directory),
-        "counts": counts,
-        "bad_rows": splits.bad_rows,
+        "version": fetched.version,
+        "directory": str(fetched.directory),
+        "counts": fetched.counts,
+        "bad_rows": fetched.bad_rows,
     }
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer(model_path: str) -> Any:
-    return load_tokenizer(model_path)
-
-
-def _target(
-    dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str
-) -> tuple[str, Path]:
-    version = tokenized_version(
-        Splits.open(dataset_dir).version(), template_fingerprint(_tokenizer(model_path), template), on_bad_row
-    )
-    return version, Path(work_dir) / "tokenized" / version / TOKENIZED_FILE
 
 
 def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
@@ -104,7 +84,7 @@ def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, A
     A new build id is drawn whenever the file is missing, so a Prefect cache
     record can never hand out the path of a deleted file.
     """
-    version, path = _target(
+    version, path = stages.tokenized_target(
         parameters["dataset_dir"],
         parameters["model_path"],
         parameters["template"],
@@ -139,13 +119,12 @@ def template_dataset(
     ``model_path`` is a local model directory (or a Hugging Face id mlx-lm can fetch).
     """
     logger = get_run_logger()
-    version, path = _target(dataset_dir, model_path, template, on_bad_row, work_dir)
-    result = {"version": version, "dataset_version": Splits.open(dataset_dir).version(), "path": str(path)}
-    if path.is_file():
-        logger.info("reusing cached tokenized dataset %s", version)
+    tokens, data = stages.tokenize_dataset(dataset_dir, model_path, template, on_bad_row, work_dir)
+    result = {"version": tokens.version, "dataset_version": tokens.dataset_version, "path": str(tokens.path)}
+    if data is None:
+        logger.info("reusing cached tokenized dataset %s", tokens.version)
         return result
-    data = tokenize_splits(Splits.open(dataset_dir), _tokenizer(model_path), template, on_bad_row)
-    save_tokenized(path, data)
+    version = tokens.version
     rows = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     logger.info("tokenized dataset %s: %s rows", version, rows)
     if data.stats["bad_rows"]:

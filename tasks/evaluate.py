@@ -16,12 +16,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import Settings
-from finetune.data import Splits, read_tokenized
-from finetune.evaluation.evaluate import EvalReport, evaluate_candidate
+from finetune.evaluation.evaluate import EvalReport
 from finetune.evaluation.report import comparison_rows, samples_markdown, write_loss_plot, write_model_card
 from finetune.layout import MODEL_CARD_FILE, PLOT_FILE
+from finetune.pipeline.stages import evaluate_run
 
-EVAL_SPLITS = ("valid", "test")
 # Stable keys: the Artifacts page then shows each key's history across runs.
 METRICS_KEY = "evaluation-metrics"
 SAMPLES_KEY = "evaluation-samples"
@@ -55,12 +54,8 @@ def evaluate_adapter(
 ) -> dict[str, Any]:
     """Evaluate base, champion and candidate; log and publish the decision. Returns ``EvalReport.to_dict()``."""
     logger = get_run_logger()
-    # Only the splits evaluation reads: the training split stays on disk.
-    tokenized, splits = read_tokenized(tokenized_path), Splits.open(dataset_dir)
-    data = {name: tokenized.splits[name].encoded() for name in EVAL_SPLITS}
-    rows = {name: splits.rows(name) for name in EVAL_SPLITS}
-    report = evaluate_candidate(
-        model_path, Path(adapter_dir), data, rows, settings, champion_dir=champion_dir, progress=logger.info
+    report = evaluate_run(
+        model_path, adapter_dir, tokenized_path, dataset_dir, settings, champion_dir, progress=logger.info
     )
     for name, variant in report.variants.items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in variant.metrics.items() if not k.endswith("_tokens"))

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from finetune.config import Settings
+from finetune.pipeline.summary import unchanged_summary
 from finetune.publishing.retrain import (
     base_model_ref,
     compare_with,
@@ -105,17 +106,7 @@ def check_unchanged(settings: Settings, dataset_version: str) -> dict[str, Any] 
 
 def nothing_changed(previous: dict[str, Any], store_uri: str) -> State:
     """The flow's final state for a skipped retrain: Completed, named Skipped, pointing at the published run."""
-    run_prefix = f"{store_uri.rstrip('/')}/runs/{previous['run_id']}"
-    result = {
-        "skipped": True,
-        "reason": nothing_changed_message(previous),
-        "run_id": previous["run_id"],
-        "bundle_uri": run_prefix,
-        "dataset_version": previous.get("dataset_version"),
-        "metrics": previous.get("metrics", {}),
-        "promoted": False,
-        "promotion_reason": "not evaluated: nothing changed",
-    }
+    result = unchanged_summary(previous, store_uri)
     return Completed(name=SKIPPED_STATE, message=result["reason"], data=result)
 
 

@@ -81,8 +81,11 @@ def train_adapter(
     return result.to_json()
 
 
-def train_adapter_task(settings: Settings) -> Task:
-    """``train_adapter`` with the retry count and backoff of ``settings.training``."""
-    return train_adapter.with_options(
+def train_with_retries(
+    settings: Settings, model_path: str, data_path: str, run_dir: str, fresh: bool = False
+) -> dict[str, Any]:
+    """Run ``train_adapter`` with the retry count and backoff of ``settings.training`` (operational settings)."""
+    retrying = train_adapter.with_options(
         retries=settings.training.retries, retry_delay_seconds=settings.training.retry_delay_seconds
     )
+    return retrying(settings, model_path, data_path, run_dir, fresh=fresh)

@@ -37,11 +37,11 @@ def run_flow(settings, model: Path, data: Path, run_dir: Path):
     from prefect import flow, get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from tasks.train import train_adapter_task
+    from tasks.train import train_with_retries
 
     @flow(name="train-only")
     def train_only():
-        return train_adapter_task(settings)(settings, str(model), str(data), str(run_dir), fresh=True)
+        return train_with_retries(settings, str(model), str(data), str(run_dir), fresh=True)
 
     state = train_only(return_state=True)
     with get_client(sync_client=True) as client:

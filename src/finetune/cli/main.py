@@ -175,7 +175,8 @@ def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = Fa
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The library logs through `logging`; this sends its records to the run's logs in the UI too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "finetune")
-    from flows.finetune import finetune_pipeline, flow_parameters
+    from finetune.pipeline.summary import flow_parameters
+    from flows.finetune import finetune_pipeline
 
     return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh, force=force)
 
