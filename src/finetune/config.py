@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -28,10 +27,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from finetune.config_files import check_yaml_file, describe_validation_error, parse_overrides
 from finetune.errors import ConfigError
 from finetune.schemas import load_json_schema
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Settings", "describe_validation_error", "load_settings", "parse_overrides"]
 
 
 # Marks a field that changes how a run operates, not what it computes (see Settings.fingerprint).
@@ -177,6 +177,33 @@ class TrainingConfig(Section):
     use_openblas: Literal["auto", "off"] = Field(
         "auto",
         description="On Linux, preload Debian's OpenBLAS into the training process when present.",
+        json_schema_extra=OPERATIONAL,
+    )
+    # Distributed training changes where rows are computed, not what is computed: a run may resume on other ranks.
+    hosts: str | None = Field(
+        None,
+        description="mlx.launch hostfile (JSON) naming the machines of a data-parallel run, one rank per entry; "
+        "IP addresses, not host names, for the ring backend. None: one process.",
+        json_schema_extra=OPERATIONAL,
+    )
+    distributed_backend: Literal["ring", "jaccl", "jaccl-ring", "nccl", "mpi"] = Field(
+        "ring",
+        description="mx.distributed backend: ring (TCP: Ethernet, Thunderbolt bridge), jaccl (RDMA over "
+        "Thunderbolt 5), nccl (CUDA), mpi.",
+        json_schema_extra=OPERATIONAL,
+    )
+    distributed_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="First ring/jaccl port (one per rank); default a free one when every host is 127.0.0.1, "
+        "else 32323.",
+        json_schema_extra=OPERATIONAL,
+    )
+    distributed_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A rank whose collective waits longer than this for the others gives up, failing the attempt.",
         json_schema_extra=OPERATIONAL,
     )
 
@@ -344,26 +371,6 @@ class Settings(BaseSettings):
 _YAML_FILE: dict[str, Path | None] = {}
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["training.iters=10", "model.path=x"]`` into a nested dict; values are YAML scalars."""
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r}: expected section.key=value")
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: {part} is set twice")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
-    return result
-
-
 def load_settings(
     config_file: Path | str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -371,7 +378,7 @@ def load_settings(
     """Build Settings from defaults, a YAML file, the environment and overrides."""
     path = Path(config_file) if config_file is not None else None
     if path is not None:
-        _check_yaml_file(path)
+        check_yaml_file(path)
     init = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     _YAML_FILE["path"] = path
     try:
@@ -380,27 +387,3 @@ def load_settings(
         raise ConfigError(describe_validation_error(exc, path)) from None
     finally:
         _YAML_FILE.pop("path", None)
-
-
-def _check_yaml_file(path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-
-
-def describe_validation_error(exc: ValidationError, path: Path | None = None) -> str:
-    """One line per problem, each naming the dotted key."""
-    where = f" (config file {path}, environment FINETUNE_*, or --set)" if path else ""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r}{where}")
-        else:
-            lines.append(f"config key {key!r}: {err['msg']}{where}")
-    return "; ".join(lines)

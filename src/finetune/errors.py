@@ -40,6 +40,10 @@ class FingerprintMismatch(TrainingError):
     """The run directory's checkpoints were made from a different config, model or data."""
 
 
+class RankMismatch(TrainingError):
+    """Distributed ranks would train on different config, model, tokenizer or data (the message names which)."""
+
+
 class TrainingChildError(FinetuneError, RuntimeError):
     """The training process died (signal, crash, timeout): worth a retry, which resumes."""
 

@@ -28,6 +28,10 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
 ]
+HostsOption = Annotated[
+    Path | None,
+    typer.Option(help="mlx.launch hostfile: train data-parallel, one rank per entry (sets training.hosts)."),
+]
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -46,8 +50,9 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def settings_from(config: Path | None, overrides: list[str] | None) -> Settings:
-    return load_settings(config, overrides or [])
+def settings_from(config: Path | None, overrides: list[str] | None, hosts: Path | None = None) -> Settings:
+    extra = [f"training.hosts={hosts.resolve()}"] if hosts is not None else []
+    return load_settings(config, [*(overrides or []), *extra])
 
 
 DEMO_BANNER = (
@@ -88,9 +93,10 @@ def run(
     force: Annotated[
         bool, typer.Option(help="Train even if data, model and config equal the last published run's.")
     ] = False,
+    hosts: HostsOption = None,
 ) -> None:
     """Run the pipeline (fetch, template, train, evaluate, publish) on your configuration."""
-    settings = settings_from(config, overrides)
+    settings = settings_from(config, overrides, hosts)
     print_summary(run_pipeline(settings, run_id=run_id, fresh=fresh, force=force))
 
 
@@ -103,11 +109,12 @@ def train(
         str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+    hosts: HostsOption = None,
 ) -> None:
     """Run the training stage alone (fetch, template, train) without Prefect; prints the adapter path."""
     from finetune.pipeline.stages import train_stage
 
-    settings = settings_from(config, overrides)
+    settings = settings_from(config, overrides, hosts)
     result = train_stage(settings, run_id, fresh=fresh, log=lambda line: console.print(line, highlight=False))
     typer.echo(f"adapter: {result.adapter_dir}")
     typer.echo(f"validation loss: {result.initial_val_loss} -> {result.best_val_loss} (best, step {result.best_step})")

@@ -8,6 +8,11 @@ preloaded when present, forwards the child's progress events, and kills the
 whole group when it is interrupted, cancelled or times out. The child in turn
 exits when its parent disappears without cleaning up (SIGKILL of a worker).
 
+With ``training.hosts`` the parent starts ``mlx.launch`` instead, which starts
+one such child per rank (see ``launch``); rank 0 reports progress and writes
+the result, every rank announces itself with a ``rank`` event, and a failed
+rank stops all of them.
+
 Protocol: the child prints one ``@finetune {json}`` line per progress event
 and writes ``train-result.json`` into the run directory before exiting 0.
 An error the user must fix is an ``error`` event and exit code 3; anything
@@ -16,12 +21,14 @@ else (traceback, signal) is a crash.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -31,10 +38,13 @@ from typing import Any
 
 from finetune.config import Settings
 from finetune.data.tokenized import load_tokenized
-from finetune.errors import DataError, FingerprintMismatch, TrainingChildError, TrainingError
+from finetune.errors import DataError, FingerprintMismatch, ModelError, TrainingChildError, TrainingError
 from finetune.layout import TRAIN_REQUEST_FILE, TRAIN_RESULT_FILE
+from finetune.model.resolve import resolve_model
 from finetune.train.blas import DISABLE_ENV, is_preloaded, openblas_disabled, preload_env
 from finetune.train.checkpoints import write_json
+from finetune.train.distributed import WATCHDOG_EXIT, Reducer
+from finetune.train.launch import RankWatch, rank_command, strip_ansi
 from finetune.train.mirror import CheckpointMirror
 from finetune.train.progress import format_event
 from finetune.train.trainer import TrainResult, train
@@ -43,8 +53,10 @@ EVENT_PREFIX = "@finetune "
 REQUEST_FILE = TRAIN_REQUEST_FILE
 RESULT_FILE = TRAIN_RESULT_FILE
 USER_ERROR_EXIT = 3
+# Where a rank on another machine keeps the tokenized data rank 0 sent it (named by content, reused by retries).
+RANK_DATA_CACHE = Path(tempfile.gettempdir()) / "finetune-rank-data"
 # Events always forwarded; "train" progress is rate-limited.
-ALWAYS_FORWARDED = {"start", "eval", "checkpoint", "resume", "skip", "warning", "done", "error"}
+ALWAYS_FORWARDED = {"start", "eval", "checkpoint", "resume", "skip", "warning", "done", "error", "rank"}
 
 Log = Callable[[str], None]
 EventFn = Callable[[dict[str, Any]], None]
@@ -82,9 +94,12 @@ def run_training_child(
     mirror = CheckpointMirror.open(settings, run_dir, log, fresh)
     env, library = preload_env(enabled=settings.training.use_openblas == "auto")
     env["PYTHONUNBUFFERED"] = "1"
+    if settings.training.hosts is None:
+        env.pop("MLX_RANK", None)  # a parent that is itself a rank must not make its child join that group
     log(_blas_message(settings, library, env))
+    command = rank_command(settings, request)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finetune.train.child", str(request)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -105,18 +120,24 @@ def run_training_child(
         timer.start()
     tail: deque[str] = deque(maxlen=30)
     error: dict[str, Any] | None = None
+    ranks = RankWatch()
     try:
         forward = _Forwarder(log, on_event, progress_interval, mirror)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX) :])
-                error = event if event["event"] == "error" else error
-                forward(event)
+            event = _parse_event(line)
+            if event is not None:
+                error = error or (event if event["event"] == "error" else None)
+                # Other ranks only announce themselves and report errors; progress is rank 0's.
+                if event.get("rank", 0) == 0 or event["event"] in ("rank", "error"):
+                    forward(event)
             elif line.strip():
+                line = strip_ansi(line)
                 tail.append(line)
                 log(line)
+                if ranks.saw_failure(line):
+                    _kill_group(proc)  # at once: the others would only wait for the dead rank
         code = proc.wait()
         forward.flush()
     except BaseException:
@@ -129,17 +150,35 @@ def run_training_child(
         if timer:
             timer.cancel()
         _kill_group(proc)  # stragglers the child may have left in its group
+    failed = ranks.failed
     if mirror:
         # Also after a crash: the retry, maybe on another machine, resumes from what was mirrored.
-        mirror.finish(upload_all=code == 0)
-    if code == USER_ERROR_EXIT and error is not None:
+        mirror.finish(upload_all=code == 0 and failed is None)
+    if error is not None and USER_ERROR_EXIT in (code, failed and failed[1]):
         kind = FingerprintMismatch if error.get("kind") == "FingerprintMismatch" else TrainingError
         raise kind(error["message"])
+    if timed_out.is_set():
+        raise TrainingChildError(f"training exceeded its timeout of {timeout:g} s and was killed")
+    if failed is not None:
+        raise TrainingChildError(
+            f"training rank {failed[0]} {_describe_exit(failed[1])}; every rank was stopped; last output:\n"
+            + "\n".join(tail)
+        )
     if code != 0:
-        if timed_out.is_set():
-            raise TrainingChildError(f"training exceeded its timeout of {timeout:g} s and was killed")
         raise TrainingChildError(f"training process {_describe_exit(code)}; last output:\n" + "\n".join(tail))
-    return TrainResult.from_json(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
+    result = run_dir / RESULT_FILE
+    if not result.exists():
+        raise TrainingChildError("training ended without writing its result; last output:\n" + "\n".join(tail))
+    return TrainResult.from_json(json.loads(result.read_text(encoding="utf-8")))
+
+
+def _parse_event(line: str) -> dict[str, Any] | None:
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    try:
+        return json.loads(line[len(EVENT_PREFIX) :])
+    except json.JSONDecodeError:
+        return None  # cut short, e.g. by a kill: shown as plain output
 
 
 def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) -> str:
@@ -154,7 +193,11 @@ def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) 
     return "training with MLX's bundled BLAS (Debian OpenBLAS not found)"
 
 
-def _describe_exit(code: int) -> str:
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "was stopped by mlx.launch"
+    if code == WATCHDOG_EXIT:
+        return "gave up waiting for the other ranks (training.distributed_timeout_seconds)"
     if code < 0:
         name = signal.Signals(-code).name
         hint = " (out of memory, or killed from outside)" if -code == signal.SIGKILL else ""
@@ -226,18 +269,46 @@ def _exit_with_parent() -> None:
 def main(argv: list[str]) -> int:
     _exit_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    request_path = Path(argv[0])
-    request = json.loads(request_path.read_text(encoding="utf-8"))
-    run_dir = request_path.parent
+    parser = argparse.ArgumentParser(prog="python -m finetune.train.child")
+    parser.add_argument("request", type=Path)
+    parser.add_argument("--backend", default="ring")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    run_dir = args.request.parent
+    dist = Reducer.connect(args.backend, args.timeout)
+    me = {} if dist.is_main else {"rank": dist.rank}
+    if dist.world > 1:
+        _emit({"event": "rank", "rank": dist.rank, "world": dist.world, "pid": os.getpid(), "host": _host()})
     try:
+        # Only rank 0's machine has the run directory: the request reaches the others over the group.
+        request = dist.on_main(lambda: json.loads(args.request.read_text(encoding="utf-8")))
         settings = Settings(**request["settings"])
-        data = load_tokenized(Path(request["data_path"]))
-        result = train(settings, request["model_path"], data, run_dir, on_progress=_emit, fresh=request["fresh"])
-    except (TrainingError, DataError) as exc:
-        _emit({"event": "error", "kind": type(exc).__name__, "message": str(exc)})
+        data = load_tokenized(dist.share_file(Path(request["data_path"]), RANK_DATA_CACHE))
+        emit = _emit if dist.is_main else None  # the others' progress would repeat rank 0's
+        result = train(settings, _model_here(request, settings), data, run_dir, emit, request["fresh"], dist)
+    except (TrainingError, DataError, ModelError) as exc:
+        where = "" if dist.is_main else f"rank {dist.rank} ({_host()}): "
+        _emit({"event": "error", "kind": type(exc).__name__, "message": where + str(exc), **me})
         return USER_ERROR_EXIT
-    write_json(run_dir / RESULT_FILE, result.to_json())
+    if dist.is_main:
+        write_json(run_dir / RESULT_FILE, result.to_json())
     return 0
+
+
+def _model_here(request: dict[str, Any], settings: Settings) -> str:
+    """Rank 0's model directory, or, on another Mac without that path, the same reference resolved there.
+
+    The ranks' model fingerprints are compared before the first step, so a different model is an error.
+    """
+    if Path(request["model_path"]).is_dir():
+        return request["model_path"]
+    return str(resolve_model(settings.model.path, settings.model.revision, settings.work_dir))
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 if __name__ == "__main__":

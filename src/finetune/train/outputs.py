@@ -34,6 +34,7 @@ class TrainResult:
     resumed_from: int | None
     skipped_batches: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    ranks: int = 1  # data-parallel processes that trained it
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "adapter_dir": str(self.adapter_dir)}

@@ -57,7 +57,10 @@ def format_event(e: dict[str, Any]) -> str | None:
         return (
             f"training {e['total_steps']} steps on {e['train_rows']} rows ({e['valid_rows']} validation), "
             f"{e['trainable_parameters']:,} trainable parameters, {origin}"
+            + (f", on {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
         )
+    if kind == "rank":
+        return f"rank {e['rank']} of {e['world']} running on {e['host']} (pid {e['pid']})"
     if kind == "checkpoint":
         return f"checkpoint saved: {e['path']}"
     if kind == "resume":

@@ -23,6 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints
 from finetune.train.batching import Batch
 from finetune.train.checkpoints import LoopState
+from finetune.train.distributed import Reducer, dropout_seed, runtime_fingerprint
 from finetune.train.fingerprints import (
     check_fingerprints,
     data_fingerprint,
     model_fingerprint,
     tokenizer_fingerprint,
 )
-from finetune.train.lora import build_optimizer, load_model, step_seed
+from finetune.train.lora import build_optimizer, load_model
 from finetune.train.outputs import TrainResult, read_history, rewrite_events, run_lock, write_adapter
 from finetune.train.progress import ProgressWindow
 from finetune.train.step import compile_steps
@@ -77,11 +79,14 @@ class Trainer:
         data: dict[str, list[Encoded]],
         run_dir: Path,
         on_progress: ProgressFn | None = None,
+        dist: Reducer | None = None,  # the other ranks of a data-parallel run; only rank 0 writes files
     ):
         self.settings = settings
         self.t = settings.training
+        self.dist = dist or Reducer()
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.run_dir / CHECKPOINTS_DIR
         self.on_progress = on_progress
         self.model_path = model_path
@@ -108,6 +113,7 @@ class Trainer:
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "data": data_fingerprint({"train": data["train"], "valid": data["valid"]}),
         }
+        self.dist.check_agreement({**self.fingerprints, "runtime": runtime_fingerprint()}, self.t.batch_size)
         self.optimizer = build_optimizer(settings, self.total_steps)
         self.optimizer.init(self.model.trainable_parameters())
         self.state = LoopState()
@@ -187,22 +193,24 @@ class Trainer:
             if batch.n_targets == 0:
                 skipped.append("no supervised tokens")
                 continue
-            loss, sq_norm, g = self._grad_fn(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            loss, sq_norm, g = self._grad_fn(*map(mx.array, self.dist.local_part(batch)))
             mx.eval(loss, sq_norm, g)
-            if not math.isfinite(loss.item()):
+            loss_value, sq_norm_value = self.dist.sum_scalars([loss.item(), sq_norm.item()])  # same skips on all ranks
+            if not math.isfinite(loss_value):
                 skipped.append("non-finite loss")
                 continue
-            if not math.isfinite(sq_norm.item()):
+            if not math.isfinite(sq_norm_value):
                 skipped.append("non-finite gradient")
                 continue
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_sum += loss.item()
+            loss_sum += loss_value
             n_targets += batch.n_targets
         return grads, loss_sum, n_targets, skipped
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
         """One optimizer step over ``micro_batches``, weighted by target tokens; bad micro-batches are left out."""
         grads, loss_sum, n_targets, skipped = self.accumulate(micro_batches)
+        grads = self.dist.sum_grads(grads)
         if grads is not None:
             self._update_fn(grads, mx.array(n_targets, mx.float32))
             mx.eval(self.model.parameters(), self.optimizer.state)
@@ -210,18 +218,17 @@ class Trainer:
 
     def evaluate(self) -> float:
         self.model.eval()
-        total, n = mx.array(0.0), 0
-        for b in self.val_batches:
+        total = mx.array(0.0)
+        for b in self.dist.mine(self.val_batches):
             total = total + self._eval_fn(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
-            n += b.n_targets
             mx.eval(total)
         self.model.train()
-        return total.item() / n
+        return self.dist.sum_scalars([total.item()])[0] / sum(b.n_targets for b in self.val_batches)
 
     # ----- progress
 
     def emit(self, event: dict[str, Any]) -> None:
-        if event["event"] in ("train", "eval", "skip", "checkpoint", "resume", "done"):
+        if self.dist.is_main and event["event"] in ("train", "eval", "skip", "checkpoint", "resume", "done"):
             with open(self.run_dir / TRAIN_EVENTS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
         if self.on_progress is not None:
@@ -254,7 +261,8 @@ class Trainer:
     # ----- the loop
 
     def run(self, fresh: bool = False) -> TrainResult:
-        resumed_from = self.restore(fresh)
+        resumed_from = self.dist.on_main(lambda: self.restore(fresh))
+        self.state = self.dist.share_restored(self.model, self.optimizer, self.state, resumed_from)
         for note in self.data_notes:
             self.emit({"event": "warning", "message": note})
         self._compile()
@@ -268,6 +276,7 @@ class Trainer:
                 "train_rows": len(self.train_rows),
                 "valid_rows": len(self.valid_rows),
                 "trainable_parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
+                "ranks": self.dist.world,
             }
         )
         initial_val = None
@@ -278,7 +287,7 @@ class Trainer:
         started, first_step = time.perf_counter(), s.step
         while s.step < self.total_steps and not s.stopped_early:
             s.step += 1
-            mx.random.seed(step_seed(t.seed, s.step))
+            mx.random.seed(dropout_seed(t.seed, s.step, self.dist.rank, self.dist.world))
             tic = time.perf_counter()
             batches = [self._next_batch() for _ in range(t.grad_accumulation_steps)]
             out = self.train_step(batches)
@@ -329,11 +338,13 @@ class Trainer:
                 }
             )
         # The best step always gets a checkpoint so that it survives pruning and can become the final adapter.
-        if s.step % t.steps_per_checkpoint == 0 or last or improved or s.stopped_early:
+        if self.dist.is_main and (s.step % t.steps_per_checkpoint == 0 or last or improved or s.stopped_early):
             self.save_checkpoint(val_loss)
 
     def _finish(self, initial_val: float | None, resumed_from: int | None) -> TrainResult:
         s = self.state
+        if not self.dist.is_main:  # the adapter and the result are rank 0's
+            return TrainResult(self.run_dir, s.step, None, None, None, None, False, resumed_from, 0)
         history = read_history(self.run_dir / TRAIN_EVENTS_FILE)
         if initial_val is None:
             initial_val = next((h["val_loss"] for h in history if h["step"] == 0), None)
@@ -369,6 +380,7 @@ class Trainer:
             resumed_from=resumed_from,
             skipped_batches=s.skipped_batches,
             history=history,
+            ranks=self.dist.world,
         )
         self.emit(
             {
@@ -390,7 +402,8 @@ def train(
     run_dir: Path,
     on_progress: ProgressFn | None = None,
     fresh: bool = False,
+    dist: Reducer | None = None,
 ) -> TrainResult:
-    """Train (or resume) a LoRA adapter in this process; the adapter lands in ``run_dir/adapter``."""
-    with run_lock(Path(run_dir)):
-        return Trainer(settings, model_path, data, Path(run_dir), on_progress).run(fresh=fresh)
+    """Train (or resume) a LoRA adapter in this process, or in one rank; the adapter lands in ``run_dir/adapter``."""
+    with run_lock(Path(run_dir)) if dist is None or dist.is_main else nullcontext():
+        return Trainer(settings, model_path, data, Path(run_dir), on_progress, dist).run(fresh=fresh)
