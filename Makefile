@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast test-e2e-mlx-short bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: lint
 
 test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow'
+
+# The real-model end-to-end test alone: SmolLM2 fine-tuned through the flow answers better than its base.
+test-e2e-mlx-short: setup
+	$(BIN)/python -m pytest tests/test_real_model.py
 
 clean:
 	rm -rf .finetune finetune-store .pytest_cache

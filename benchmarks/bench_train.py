@@ -1,6 +1,8 @@
 """finetune's trainer vs ``python -m mlx_lm lora``, side by side, then the demo with and without OpenBLAS.
 
-Both trainers get the same tiny model, the same mixed-length chat data (one
+Two models: the tiny random-init Llama (all layers adapted) and the real SmolLM2-135M-Instruct
+(``builtin:smollm2-135m-instruct``, the float32 copy MLX's CPU backend trains fastest, the demo's
+LoRA settings: 8 layers, batch 4, max length 128). Both trainers get the same model, the same mixed-length chat data (one
 epoch: every row once, so both see the same tokens), the same optimizer
 (Adam, constant learning rate, no clipping), LoRA rank/scale, batch size and
 sequence limit, and the same BLAS. Figures:
@@ -22,6 +24,7 @@ mlx-lm's ``mask_prompt`` also supervises the newline after the final
 count is slightly higher for the same rows.
 
 Run by hand:  .venv/bin/python benchmarks/bench_train.py [--iters 100] [--seeds 3] [--skip-demo]
+                  [--smollm2-iters 20] [--smollm2-seeds 1] [--models tiny,smollm2]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +48,36 @@ from finetune.data import Splits, TokenizedData, load_splits, save_tokenized, to
 from finetune.evaluation.evaluate import evaluate_loss
 from finetune.evaluation.generate import load_for_eval
 from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
+from finetune.model.resolve import resolve_model
 from finetune.model.tiny import ensure_tiny_model
 from finetune.train.blas import preload_env, reexec_with_openblas
 from finetune.train.child import run_training_child
 
-BATCH, RANK, SCALE, LR, MAX_LEN = 8, 8, 20.0, 2e-3, 512
+
+@dataclass(frozen=True)
+class Hyper:
+    """What both trainers are given."""
+
+    batch: int
+    rank: int
+    scale: float
+    lr: float
+    max_len: int
+    num_layers: int  # -1: all
+    max_questions: int  # per mixed row
 
 
-def mixed_rows(source: list[dict], n: int, seed: int) -> list[dict]:
-    """Chats asking about 1..14 capitals at once (heavy-tailed), so row lengths vary ~15x."""
+TINY = Hyper(batch=8, rank=8, scale=20.0, lr=2e-3, max_len=512, num_layers=-1, max_questions=14)
+# The demo's LoRA shape; rows of 1..3 questions keep the real model's rows within 128 tokens.
+SMOLLM2 = Hyper(batch=4, rank=8, scale=20.0, lr=2e-4, max_len=128, num_layers=8, max_questions=3)
+
+
+def mixed_rows(source: list[dict], n: int, seed: int, max_questions: int = 14) -> list[dict]:
+    """Chats asking about 1..max_questions capitals at once (heavy-tailed), so row lengths vary widely."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
-        k = int(min(14, 1 + rng.lognormal(0.7, 0.9)))
+        k = int(min(max_questions, 1 + rng.lognormal(0.7, 0.9)))
         picks = [source[i]["messages"] for i in rng.choice(len(source), k, replace=False)]
         rows.append(
             {
@@ -95,13 +116,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) -> dict:
+def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int, hp: Hyper) -> dict:
     settings = load_settings(
         None,
         [
             f"training.iters={iters}",
-            f"training.batch_size={BATCH}",
-            f"training.learning_rate={LR}",
+            f"training.batch_size={hp.batch}",
+            f"training.learning_rate={hp.lr}",
             "training.lr_schedule=constant",
             "training.warmup_steps=0",
             "training.grad_clip=null",
@@ -109,9 +130,10 @@ def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) 
             f"training.steps_per_report={iters}",
             f"training.steps_per_eval={iters}",
             f"training.steps_per_checkpoint={iters}",
-            f"lora.rank={RANK}",
-            f"lora.scale={SCALE}",
-            f"template.max_seq_length={MAX_LEN}",
+            f"lora.rank={hp.rank}",
+            f"lora.scale={hp.scale}",
+            f"lora.num_layers={hp.num_layers}",
+            f"template.max_seq_length={hp.max_len}",
         ],
     )
     peak = []
@@ -139,7 +161,7 @@ def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int) 
     }
 
 
-def mlx_lm_batches(model: str, data_dir: Path) -> dict:
+def mlx_lm_batches(model: str, data_dir: Path, hp: Hyper) -> dict:
     """Replay mlx-lm's own batching of the same data for one epoch: tokens, supervised tokens, computed positions."""
     from types import SimpleNamespace
 
@@ -150,7 +172,7 @@ def mlx_lm_batches(model: str, data_dir: Path) -> dict:
     _, tokenizer = load(model)
     train, _, _ = load_local_dataset(data_dir, tokenizer, SimpleNamespace(mask_prompt=True))
     real = supervised = computed = 0
-    for batch, lengths in iterate_batches(CacheDataset(train), BATCH, MAX_LEN, loop=False, seed=0):
+    for batch, lengths in iterate_batches(CacheDataset(train), hp.batch, hp.max_len, loop=False, seed=0):
         offsets, lens = np.array(lengths[:, 0]), np.array(lengths[:, 1])
         computed += batch.shape[0] * (batch.shape[1] - 1)
         real += int((lens - 1).sum())
@@ -158,7 +180,7 @@ def mlx_lm_batches(model: str, data_dir: Path) -> dict:
     return {"tokens": real, "supervised": supervised, "computed": computed}
 
 
-def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, batches: dict) -> dict:
+def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, batches: dict, hp: Hyper) -> dict:
     out.mkdir()
     config = {
         "model": model,
@@ -167,18 +189,18 @@ def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, bat
         "fine_tune_type": "lora",
         "optimizer": "adam",
         "mask_prompt": True,
-        "num_layers": -1,
-        "batch_size": BATCH,
+        "num_layers": hp.num_layers,
+        "batch_size": hp.batch,
         "iters": iters,
         "val_batches": -1,
-        "learning_rate": LR,
+        "learning_rate": hp.lr,
         "steps_per_report": iters,
         "steps_per_eval": iters,
         "save_every": 10 * iters,
         "adapter_path": str(out / "adapter"),
-        "max_seq_length": MAX_LEN,
+        "max_seq_length": hp.max_len,
         "seed": seed,
-        "lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0},
+        "lora_parameters": {"rank": hp.rank, "scale": hp.scale, "dropout": 0.0},
     }
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     env, _ = preload_env()
@@ -213,12 +235,12 @@ def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, bat
     }
 
 
-def side_by_side(model: str, work: Path, iters: int, seeds: int) -> None:
+def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> None:
     splits = load_splits(load_settings().dataset)
     data_dir = work / "mixed"
     data_dir.mkdir()
-    train_rows = mixed_rows(list(splits.train), iters * BATCH, seed=1)
-    valid_rows = mixed_rows([*splits.valid, *splits.test], 8 * BATCH, seed=2)
+    train_rows = mixed_rows(list(splits.train), iters * hp.batch, seed=1, max_questions=hp.max_questions)
+    valid_rows = mixed_rows([*splits.valid, *splits.test], 8 * hp.batch, seed=2, max_questions=hp.max_questions)
     write_jsonl(data_dir / "train.jsonl", train_rows)
     write_jsonl(data_dir / "valid.jsonl", valid_rows)
 
@@ -226,21 +248,24 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int) -> None:
         model,
         Splits(train_rows, valid_rows, []),
         work / "tokenized.safetensors",
-        [f"template.max_seq_length={MAX_LEN}"],
+        [f"template.max_seq_length={hp.max_len}"],
     )
     lengths = [int(n) for n in data.splits["train"].lengths()]
     print(
         f"data: {len(train_rows)} train rows, {len(valid_rows)} valid rows; tokens per row min {min(lengths)}, "
-        f"median {int(np.median(lengths))}, max {max(lengths)}; {iters} steps of {BATCH} = one epoch"
+        f"median {int(np.median(lengths))}, max {max(lengths)}; {iters} steps of {hp.batch} = one epoch"
     )
 
-    batches = mlx_lm_batches(model, data_dir)
+    batches = mlx_lm_batches(model, data_dir, hp)
     valid = data.splits["valid"].encoded()
     runs: dict[str, list[dict]] = {"finetune": [], "mlx_lm lora": []}
     for seed in range(seeds):  # interleaved, so both see the same load on a shared machine
         for name, run in (
-            ("finetune", lambda seed=seed: run_ours(model, data_file, work / f"ours-{seed}", iters, seed)),
-            ("mlx_lm lora", lambda seed=seed: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches)),
+            ("finetune", lambda seed=seed: run_ours(model, data_file, work / f"ours-{seed}", iters, seed, hp)),
+            (
+                "mlx_lm lora",
+                lambda seed=seed: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches, hp),
+            ),
         ):
             result = run()
             result["common_val_loss"] = common_val_loss(model, result["adapter_dir"], valid)
@@ -317,16 +342,29 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100, help="steps (one epoch of iters*8 rows)")
     parser.add_argument("--seeds", type=int, default=3, help="runs per trainer (seeds 0..N-1); single runs are noisy")
     parser.add_argument("--skip-demo", action="store_true", help="skip the OpenBLAS on/off demo measurement")
+    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--smollm2-iters", type=int, default=20, help="SmolLM2 steps (one epoch of iters*4 rows)")
+    parser.add_argument("--smollm2-seeds", type=int, default=1, help="SmolLM2 runs per trainer")
     args = parser.parse_args()
+    models = set(args.models.split(","))
     # Children get OpenBLAS from their launchers (or not, for the "off" run): an inherited preload would blur that.
     reexec_with_openblas()  # for the in-process evaluation; the children decide for themselves
     os.environ.pop("LD_PRELOAD", None)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
-        model = str(ensure_tiny_model(work / "models"))
-        side_by_side(model, work, args.iters, args.seeds)
-        if not args.skip_demo:
-            demo_blas(model, work)
+        if "tiny" in models:
+            print("== tiny random-init Llama ==")
+            model = str(ensure_tiny_model(work / "models"))
+            (work / "tiny").mkdir()
+            side_by_side(model, work / "tiny", args.iters, args.seeds, TINY)
+            if not args.skip_demo:
+                demo_blas(model, work / "tiny")
+        if "smollm2" in models:
+            print("\n== SmolLM2-135M-Instruct (float32 copy of the Q4_1 GGUF) ==")
+            # The demo's model cache, so a machine that ran the demo downloads nothing.
+            model = str(resolve_model("builtin:smollm2-135m-instruct", None, ".finetune", "float32"))
+            (work / "smollm2").mkdir()
+            side_by_side(model, work / "smollm2", args.smollm2_iters, args.smollm2_seeds, SMOLLM2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from finetune.config import (
     TemplateConfig,
     TrainingConfig,
 )
+from finetune.evaluation.report import examples_of
 from finetune.pipeline.summary import (
     already_published,
     bundle_metrics,
@@ -160,4 +161,5 @@ def finetune_pipeline(
         "promotion_reason": promotion["reason"],
         "training": training_summary(trained),
         "exports": [{"format": e["format"], "path": e["path"], "verification": e["verification"]} for e in exports],
+        "examples": examples_of(report),
     }

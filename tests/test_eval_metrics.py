@@ -13,10 +13,12 @@ from finetune.evaluation.gate import decide_promotion, resolve_primary_metric
 from finetune.evaluation.metrics import (
     answer_metrics,
     contains_reference,
+    correct_fact,
     exact_match,
     higher_is_better,
     json_schema_validator,
     json_valid,
+    key_span,
     normalize_answer,
     primary_score,
     regex_pass,
@@ -99,7 +101,8 @@ def test_answer_metrics_average_and_optional_checks() -> None:
     answers = ["Paris", "The capital is Rome.", "Berlin?", '{"a": 1}']
     references = ["Paris", "Rome", "Madrid", "x"]
     base = answer_metrics(answers, references, EvaluationConfig())
-    assert set(base) == {"exact_match", "contains", "token_f1"}
+    assert set(base) == {"exact_match", "correct_fact", "contains", "token_f1"}
+    assert base["correct_fact"] == pytest.approx(2 / 4)
     assert base["exact_match"] == pytest.approx(1 / 4)
     assert base["contains"] == pytest.approx(2 / 4)
     # per row: 1; 'capital is rome' vs 'rome': p=1/3, r=1 -> 0.5; 0; 0
@@ -109,6 +112,33 @@ def test_answer_metrics_average_and_optional_checks() -> None:
     assert checked["json_valid"] == pytest.approx(1 / 4)
     with pytest.raises(ValueError, match="2 answers for 1 references"):
         answer_metrics(["a", "b"], ["a"], EvaluationConfig())
+
+
+@pytest.mark.parametrize(
+    ("reference", "span"),
+    [
+        ("Amman is the capital of Jordan.", "Amman"),
+        ("The capital of Algeria is Algiers.", "Algiers"),
+        ("Addis Ababa.", "Addis Ababa"),
+        ("Washington, D.C. is the capital of the United States.", "Washington, D.C."),
+        ("A free-form reference", "A free-form reference"),
+    ],
+)
+def test_key_span_of_the_capitals_answers(reference: str, span: str) -> None:
+    assert key_span(reference, re.compile(EvaluationConfig().fact_regex)) == span
+
+
+def test_correct_fact_ignores_phrasing_but_not_the_city() -> None:
+    pattern = re.compile(EvaluationConfig().fact_regex)
+    assert correct_fact("The capital of Jordan is Amman.", "Amman is the capital of Jordan.", pattern) == 1.0
+    assert correct_fact("amman", "Amman.", pattern) == 1.0
+    assert correct_fact("The capital of Jordan is Irbid.", "Amman is the capital of Jordan.", pattern) == 0.0
+    assert correct_fact("Ammanford", "Amman.", pattern) == 0.0  # whole words
+    custom = EvaluationConfig(fact_regex=r"answer: (\w+)")
+    assert answer_metrics(["it is 42"], ["answer: 42"], custom)["correct_fact"] == 1.0
+    assert "correct_fact" not in answer_metrics(["x"], ["x"], EvaluationConfig(fact_regex=None))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        EvaluationConfig(fact_regex="(")
 
 
 def test_directions_and_primary_score() -> None:

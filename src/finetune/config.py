@@ -216,8 +216,20 @@ class TrainingConfig(Section):
 
 # Metric names the evaluation measures; "val"/"test" are the loss splits.
 EvalMetric = Literal[
-    "val_loss", "val_ppl", "test_loss", "test_ppl", "exact_match", "contains", "token_f1", "regex_pass", "json_valid"
+    "val_loss",
+    "val_ppl",
+    "test_loss",
+    "test_ppl",
+    "exact_match",
+    "correct_fact",
+    "contains",
+    "token_f1",
+    "regex_pass",
+    "json_valid",
 ]
+# The capitals data's three answer styles: "C is the capital of X.", "The capital of X is C.", "C."
+# Any other reference matches too, as itself less a final full stop.
+DEFAULT_FACT_REGEX = r"^(?:The capital of .+? is )?(.+?)(?: is the capital of .+)?\.?$"
 
 
 class EvaluationConfig(Section):
@@ -243,13 +255,19 @@ class EvaluationConfig(Section):
     answer_regex: str | None = Field(
         None, description="regex_pass: share of answers in which this pattern is found (re.search)."
     )
+    fact_regex: str | None = Field(
+        DEFAULT_FACT_REGEX,
+        description="correct_fact: the reference's key span is this regex's first group (the whole match without "
+        "a group); an answer is correct when it contains that span as whole words (normalised like exact match). "
+        "The default picks the city out of the capitals data's answers; null turns the metric off.",
+    )
     json_schema: dict[str, Any] | Path | None = Field(
         None,
         description="json_valid: share of answers that parse as JSON and satisfy this schema (inline or a .json file).",
     )
     samples_in_report: int = Field(5, ge=0, description="Example generations shown next to their references.")
 
-    @field_validator("answer_regex")
+    @field_validator("answer_regex", "fact_regex")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from finetune.cli.demo import DEFAULT_DEMO_MODEL, demo_overrides, print_examples
 from finetune.config import Settings, load_settings
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def settings_from(config: Path | None, overrides: list[str] | None, hosts: Path 
 
 
 DEMO_BANNER = (
-    "finetune demo: tiny random-init Llama + bundled capitals dataset -> LoRA with MLX -> "
+    "finetune demo: {model} + bundled capitals dataset -> LoRA with MLX -> "
     "evaluation -> local object store, through a Prefect flow"
 )
 
@@ -72,13 +73,16 @@ def demo(
     ] = "finetune-store",
     overrides: SetOption = None,
     force: Annotated[bool, typer.Option(help="Train again even if nothing changed since the last demo run.")] = False,
+    model: Annotated[
+        str, typer.Option(help="Base model: the real SmolLM2 chat model, or builtin:tiny-llama (seconds, no answers).")
+    ] = DEFAULT_DEMO_MODEL,
 ) -> None:
-    """Run the whole pipeline on the embedded defaults: offline, no accounts, a minute or two."""
-    console.print(DEMO_BANNER, highlight=False)
-    # The tiny model never answers a capital right, so the demo's gate is validation loss.
-    demo_defaults = [f"work_dir={work_dir}", f"storage.uri={store}", "evaluation.primary_metric=val_loss"]
-    settings = settings_from(None, [*demo_defaults, *(overrides or [])])
-    print_summary(run_pipeline(settings, force=force))
+    """Fine-tune a real chat model on the bundled capitals data, through the whole pipeline: a few minutes on CPU."""
+    console.print(DEMO_BANNER.format(model=model), highlight=False)
+    settings = settings_from(None, [*demo_overrides(model, work_dir, store), *(overrides or [])])
+    result = run_pipeline(settings, force=force)
+    print_summary(result)
+    print_examples(result, Console())
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Answer metrics (SQuAD-style normalisation, exact match, contains, token F1, regex, JSON schema) and their directions."""
+"""Answer metrics (SQuAD-style normalisation, exact match, correct fact, contains, token F1, regex, JSON schema) and their directions."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def contains_reference(answer: str, reference: str) -> float:
     if not ref:
         return exact_match(answer, reference)
     return float(f" {ref} " in f" {normalize_answer(answer)} ")
+
+
+def key_span(reference: str, pattern: re.Pattern[str]) -> str:
+    """The part of the reference that carries the fact: group 1 (or the match); the whole reference if no match."""
+    found = pattern.search(reference)
+    if found is None:
+        return reference
+    return found.group(1) if pattern.groups else found.group(0)
+
+
+def correct_fact(answer: str, reference: str, pattern: re.Pattern[str]) -> float:
+    """1 when the answer contains the reference's key span: knowledge, whatever the phrasing."""
+    return contains_reference(answer, key_span(reference, pattern))
 
 
 def token_f1(answer: str, reference: str) -> float:
@@ -100,6 +113,9 @@ def answer_metrics(answers: Sequence[str], references: Sequence[str], cfg: Evalu
         "contains": sum(contains_reference(a, r) for a, r in pairs) / n,
         "token_f1": sum(token_f1(a, r) for a, r in pairs) / n,
     }
+    if cfg.fact_regex is not None:
+        fact = re.compile(cfg.fact_regex)
+        metrics["correct_fact"] = sum(correct_fact(a, r, fact) for a, r in pairs) / n
     if cfg.answer_regex is not None:
         pattern = re.compile(cfg.answer_regex)
         metrics["regex_pass"] = sum(regex_pass(a, pattern) for a in answers) / n

@@ -23,6 +23,7 @@ METRIC_LABELS = {
     "test_loss": "test loss",
     "test_ppl": "test perplexity",
     "exact_match": "exact match",
+    "correct_fact": "correct fact",
     "contains": "contains reference",
     "token_f1": "token F1",
     "regex_pass": "regex check",
@@ -82,6 +83,15 @@ def format_comparison_table(report: EvalReport) -> Table:
     for row in comparison_rows(report):
         table.add_row(*(str(v) for v in row.values()))
     return table
+
+
+def examples_of(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Held-out questions, references and each variant's answers, from ``EvalReport.to_dict()``."""
+    return {
+        "questions": report["questions"],
+        "references": report["references"],
+        "answers": {name: v["answers"] for name, v in report["variants"].items()},
+    }
 
 
 def samples_markdown(report: EvalReport, limit: int = 5) -> str:
