@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from finetune.cli import app
 from finetune.cli.demo import DEFAULT_DEMO_MODEL, demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -24,15 +24,18 @@ PROMPT = "What is the capital of Kenya?"
 SHORT = ["training.iters=16", "training.steps_per_eval=16", "training.steps_per_checkpoint=16"]
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = app(list(args), standalone_mode=False)
-    return code or 0, out.getvalue()
+def invoke(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """The CLI as a user runs it: its own process, so it preloads OpenBLAS on Linux as `finetune` does."""
+    env = {**os.environ, "PREFECT_HOME": str(cwd / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # the demo's own ephemeral API
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    return done.returncode, done.stdout, done.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
-def demo_run(prefect_api, tmp_path_factory):
+def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("real") / ".finetune"
     work.mkdir()
     shared = REPO / ".finetune" / "models"
@@ -40,8 +43,8 @@ def demo_run(prefect_api, tmp_path_factory):
     (work / "models").symlink_to(shared)
     store = work.parent / "store"
     sets = [arg for pair in zip(["--set"] * 99, SHORT) for arg in pair]
-    code, output = invoke("demo", "--work-dir", str(work), "--store", str(store), *sets)
-    assert code == 0, output
+    code, output, err = invoke("demo", "--work-dir", str(work), "--store", str(store), *sets, cwd=work.parent)
+    assert code == 0, output + err
     manifest = json.loads(next(store.glob("runs/*/manifest.json")).read_text())
     return work, store, manifest, output
 
@@ -70,10 +73,10 @@ def test_published_bundle_loads_on_the_imported_base_and_generate_matches_mlx_lm
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     expected = mlx_lm.generate(model, tokenizer, prompt, max_tokens=24)
     assert "Nairobi" in expected
-    code, output = invoke(
-        "generate", "--adapter", str(bundle), "--max-tokens", "24", "--set", f"work_dir={work}", PROMPT
+    code, output, err = invoke(
+        "generate", "--adapter", str(bundle), "--max-tokens", "24", "--set", f"work_dir={work}", PROMPT, cwd=work.parent
     )
-    assert code == 0, output
+    assert code == 0, output + err
     assert output.rstrip("\n") == expected
 
 
