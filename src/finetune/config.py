@@ -110,14 +110,12 @@ class TemplateConfig(Section):
 class ModelConfig(Section):
     path: str = Field(
         "builtin:tiny-llama",
-        description="Hugging Face repo id, local MLX model directory, gguf:/path/model.gguf (llama or qwen2 "
-        "architecture, imported once into the work dir), builtin:smollm2-135m-instruct (a real chat model, "
-        "fetched with pip) or builtin:tiny-llama (a tiny random model for tests).",
+        description="Hugging Face repo id, local MLX model directory, gguf:/path/model.gguf (llama or qwen2, imported "
+        "once into the work dir), builtin:smollm2-135m-instruct (a real chat model) or builtin:tiny-llama (tests).",
     )
     dtype: Literal["auto", "keep", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weights of an imported GGUF: keep (quantized Q4/Q8 stay quantized, a QLoRA base), or dense "
-        "float32/bfloat16/float16. auto: float32 on MLX's CPU backend (its quantized matmul is slow), keep on GPU.",
+        description="Imported GGUF weights: keep (Q4/Q8 stay quantized) or dense; auto: float32 on CPU, else keep.",
     )
     revision: str | None = None
     trust_remote_code: bool = False
@@ -215,20 +213,9 @@ class TrainingConfig(Section):
 
 
 # Metric names the evaluation measures; "val"/"test" are the loss splits.
-EvalMetric = Literal[
-    "val_loss",
-    "val_ppl",
-    "test_loss",
-    "test_ppl",
-    "exact_match",
-    "correct_fact",
-    "contains",
-    "token_f1",
-    "regex_pass",
-    "json_valid",
-]
-# The capitals data's three answer styles: "C is the capital of X.", "The capital of X is C.", "C."
-# Any other reference matches too, as itself less a final full stop.
+LossMetric = Literal["val_loss", "val_ppl", "test_loss", "test_ppl"]
+ScoreMetric = Literal["exact_match", "correct_fact", "contains", "token_f1", "regex_pass", "json_valid"]
+EvalMetric = LossMetric | ScoreMetric
 DEFAULT_FACT_REGEX = r"^(?:The capital of .+? is )?(.+?)(?: is the capital of .+)?\.?$"
 
 
@@ -257,9 +244,8 @@ class EvaluationConfig(Section):
     )
     fact_regex: str | None = Field(
         DEFAULT_FACT_REGEX,
-        description="correct_fact: the reference's key span is this regex's first group (the whole match without "
-        "a group); an answer is correct when it contains that span as whole words (normalised like exact match). "
-        "The default picks the city out of the capitals data's answers; null turns the metric off.",
+        description="correct_fact: an answer containing the reference's key span (this regex's first group) as whole "
+        "words, normalised like exact match. The default picks the city out of the capitals answers; null: off.",
     )
     json_schema: dict[str, Any] | Path | None = Field(
         None,
