@@ -83,3 +83,35 @@ def test_published_bundle_loads_on_the_imported_base_and_generate_matches_mlx_lm
 def test_demo_settings_name_the_model(tmp_path):
     assert f"model.path={DEFAULT_DEMO_MODEL}" in demo_overrides(DEFAULT_DEMO_MODEL, tmp_path, "s")
     assert "evaluation.primary_metric=val_loss" in demo_overrides("builtin:tiny-llama", tmp_path, "s")
+
+
+def test_smollm2_tokenizer_matches_an_independent_build():
+    """The converted tokenizer vs one built by hand from the same vocab and merges with SmolLM2's own
+    pre-tokenizer (digits split one by one, then byte-level), on every chat of the dataset and odd text."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from finetune.model.resolve import resolve_model
+
+    model_dir = resolve_model(DEFAULT_DEMO_MODEL, None, REPO / ".finetune", "float32")
+    gguf_file = next((REPO / ".finetune" / "models" / "builtin").rglob("*.gguf"))
+    _, meta = mx.load(str(gguf_file), return_metadata=True)
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    reference = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    reference.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    reference.decoder = decoders.ByteLevel()
+    types = meta["tokenizer.ggml.token_type"].tolist()
+    reference.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == 3])
+
+    ours = load_tokenizer(model_dir)
+    texts = ["Prices rose 12.5% in 2024: ¥1,000 → €7.", "  leading spaces\ttabs\n\nnew lines", "naïve café 東京 🙂"]
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        for line in (REPO / "src" / "finetune" / "demo_data" / name).read_text().splitlines():
+            texts.append(ours.apply_chat_template(json.loads(line)["messages"], tokenize=False))
+    for text in texts:
+        assert ours.encode(text) == reference.encode(text).ids, text
+    assert ours.eos_token_id == 2 and ours.decode(ours.encode(texts[2])) == texts[2]
