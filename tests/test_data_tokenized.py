@@ -14,7 +14,6 @@ from finetune.data import (
     DataError,
     Splits,
     load_splits,
-    load_tokenized,
     read_tokenized,
     save_tokenized,
     tokenize_splits,
@@ -48,7 +47,7 @@ def test_tokenized_file_round_trips_to_the_same_encodings(tmp_path: Path, tokeni
     cfg = TemplateConfig(max_seq_length=64)
     data = tokenize_splits(splits, tokenizer, cfg)
     path = save_tokenized(tmp_path / "tok" / "tokens.safetensors", data)
-    loaded = load_tokenized(path)
+    loaded = read_tokenized(path).encoded()
     assert {k: len(v) for k, v in loaded.items()} == splits.counts()
     assert loaded["valid"] == [encode_row(tokenizer, row, cfg) for row in splits.valid]
     meta = tokenized_metadata(path)
@@ -83,7 +82,7 @@ def test_hand_built_encodings_pack_and_round_trip(tmp_path: Path) -> None:
     splits = {"train": TokenizedSplit.from_encoded(rows), "valid": TokenizedSplit.from_encoded(rows[:1])}
     splits["test"] = TokenizedSplit.from_encoded([])
     path = save_tokenized(tmp_path / "t.safetensors", TokenizedData("v", "d", "", splits, {}))
-    assert load_tokenized(path) == {"train": rows, "valid": rows[:1], "test": []}
+    assert read_tokenized(path).encoded() == {"train": rows, "valid": rows[:1], "test": []}
 
 
 def test_reading_something_else_is_a_clear_error(tmp_path: Path) -> None:
@@ -97,7 +96,7 @@ def test_reading_something_else_is_a_clear_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 5)
     with pytest.raises(DataError, match="cannot read tokenized dataset"):
-        load_tokenized(garbage)
+        read_tokenized(garbage)
 
 
 def test_report_counts_duplicates_overlap_truncation_and_padding(tmp_path: Path, tokenizer) -> None:

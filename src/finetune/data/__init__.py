@@ -7,7 +7,6 @@ from finetune.data.templating import Encoded
 from finetune.data.tokenized import (
     TokenizedData,
     TokenizedSplit,
-    load_tokenized,
     read_tokenized,
     save_tokenized,
     tokenize_splits,
@@ -31,7 +30,6 @@ __all__ = [
     "canonical_line",
     "display_url",
     "load_splits",
-    "load_tokenized",
     "read_tokenized",
     "save_tokenized",
     "tokenize_splits",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,16 @@ class TokenizedData:
 
     def encoded(self) -> dict[str, list[Encoded]]:
         return {name: split.encoded() for name, split in self.splits.items()}
+
+    @classmethod
+    def from_encoded(cls, splits: Mapping[str, Sequence[Encoded]]) -> TokenizedData:
+        """Rows built in memory (tests, benchmarks), packed and versioned by the sha256 of the packed arrays."""
+        packed = {name: TokenizedSplit.from_encoded(rows) for name, rows in splits.items()}
+        h = hashlib.sha256()
+        for name in sorted(packed):
+            for key in ("input_ids", "loss_mask", "offsets", "truncated"):
+                h.update(f"{name}.{key}\0".encode() + getattr(packed[name], key).tobytes())
+        return cls(h.hexdigest(), "", "", packed, {})
 
 
 def tokenized_version(dataset_version: str, template_fp: str, on_bad_row: str) -> str:
@@ -204,8 +214,3 @@ def _open_tokenized(path: Path, with_tensors: bool) -> tuple[dict[str, str], dic
     except (SafetensorError, OSError) as exc:
         raise DataError(f"{path}: cannot read tokenized dataset ({exc})") from None
     return metadata, tensors
-
-
-def load_tokenized(path: Path | str) -> dict[str, list[Encoded]]:
-    """The encoded rows per split (train/valid/test) from a file written by :func:`save_tokenized`."""
-    return read_tokenized(path).encoded()

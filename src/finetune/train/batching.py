@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.data.templating import Encoded
+from finetune.data.tokenized import TokenizedSplit
 
 PAD_ID = 0  # any valid id works: padded positions are masked out of the loss
 
@@ -64,25 +65,41 @@ def padded_width(length: int, widths: Sequence[int]) -> int:
     raise ValueError(f"a row of {length} input tokens is longer than the widest batch ({widths[-1]})")
 
 
-def collate(rows: Sequence[Encoded], widths: Sequence[int]) -> Batch:
-    """Shift rows into (inputs, targets, mask) padded to one ladder width."""
-    width = padded_width(max(len(r.input_ids) - 1 for r in rows), widths)
+def usable(split: TokenizedSplit) -> np.ndarray:
+    """Indices of the rows with a predictable target (others would add 0/0 to the loss)."""
+    sums = np.concatenate([[0], np.cumsum(split.loss_mask, dtype=np.int64)])
+    starts, ends = split.offsets[:-1], split.offsets[1:]
+    targets = sums[ends] - sums[np.minimum(starts + 1, ends)]  # token 0 has no context
+    return np.flatnonzero((ends - starts >= 2) & (targets > 0))
+
+
+def collate_packed(split: TokenizedSplit, rows: Sequence[int], widths: Sequence[int]) -> Batch:
+    """Rows of the packed arrays shifted into (inputs, targets, mask), padded to one ladder width."""
+    starts, ends = split.offsets[:-1][rows], split.offsets[1:][rows]
+    width = padded_width(int((ends - starts).max()) - 1, widths)
     inputs = np.full((len(rows), width), PAD_ID, np.int32)
     targets = np.full((len(rows), width), PAD_ID, np.int32)
     mask = np.zeros((len(rows), width), np.float32)
-    for i, row in enumerate(rows):
-        n = len(row.input_ids) - 1
-        ids = np.asarray(row.input_ids, np.int32)
-        inputs[i, :n] = ids[:-1]
-        targets[i, :n] = ids[1:]
-        mask[i, :n] = np.asarray(row.loss_mask[1:], np.float32)
-    return Batch(
-        inputs=inputs,
-        targets=targets,
-        mask=mask,
-        n_tokens=sum(len(r.input_ids) - 1 for r in rows),
-        n_targets=int(mask.sum()),
-    )
+    for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        n = b - a - 1
+        inputs[i, :n] = split.input_ids[a : b - 1]
+        targets[i, :n] = split.input_ids[a + 1 : b]
+        mask[i, :n] = split.loss_mask[a + 1 : b]
+    return Batch(inputs, targets, mask, n_tokens=int((ends - starts - 1).sum()), n_targets=int(mask.sum()))
+
+
+def eval_batches_packed(
+    split: TokenizedSplit, rows: Sequence[int], batch_size: int, widths: Sequence[int]
+) -> list[Batch]:
+    """Validation batches: sorted by length (stably) for little padding; order does not matter for a sum."""
+    rows = np.asarray(rows, np.int64)
+    order = rows[np.argsort(split.lengths()[rows], kind="stable")]
+    return [collate_packed(split, order[s : s + batch_size], widths) for s in range(0, len(order), batch_size)]
+
+
+def collate(rows: Sequence[Encoded], widths: Sequence[int]) -> Batch:
+    """Encoded rows (built by hand) as one batch, through the packed path."""
+    return collate_packed(TokenizedSplit.from_encoded(rows), list(range(len(rows))), widths)
 
 
 def epoch_batches(
@@ -114,9 +131,8 @@ def epoch_order(n: int, seed: int) -> list[int]:
 
 
 def eval_batches(rows: Sequence[Encoded], batch_size: int, widths: Sequence[int]) -> list[Batch]:
-    """Validation batches: sorted by length for little padding; order does not matter for a sum."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    return [collate([rows[i] for i in order[s : s + batch_size]], widths) for s in range(0, len(order), batch_size)]
+    """Encoded rows (built by hand) as validation batches, through the packed path."""
+    return eval_batches_packed(TokenizedSplit.from_encoded(rows), range(len(rows)), batch_size, widths)
 
 
 def padding_stats(batches: Sequence[Batch]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import Settings
-from finetune.data.tokenized import load_tokenized
+from finetune.data.tokenized import read_tokenized
 from finetune.errors import DataError, FingerprintMismatch, ModelError, TrainingChildError, TrainingError
 from finetune.layout import TRAIN_REQUEST_FILE, TRAIN_RESULT_FILE
 from finetune.model.resolve import resolve_model
@@ -283,7 +283,7 @@ def main(argv: list[str]) -> int:
         # Only rank 0's machine has the run directory: the request reaches the others over the group.
         request = dist.on_main(lambda: json.loads(args.request.read_text(encoding="utf-8")))
         settings = Settings(**request["settings"])
-        data = load_tokenized(dist.share_file(Path(request["data_path"]), RANK_DATA_CACHE))
+        data = read_tokenized(dist.share_file(Path(request["data_path"]), RANK_DATA_CACHE))
         emit = _emit if dist.is_main else None  # the others' progress would repeat rank 0's
         result = train(settings, _model_here(request, settings), data, run_dir, emit, request["fresh"], dist)
     except (TrainingError, DataError, ModelError) as exc:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-from finetune.data.templating import Encoded, tokenizer_fingerprint
+from finetune.data.templating import tokenizer_fingerprint
 from finetune.errors import FingerprintMismatch
 
-__all__ = ["check_fingerprints", "data_fingerprint", "model_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["check_fingerprints", "model_fingerprint", "tokenizer_fingerprint"]
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -22,14 +21,6 @@ def model_fingerprint(model_dir: Path) -> str:
             h.update(f.read(1 << 20))
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read())
-    return h.hexdigest()
-
-
-def data_fingerprint(data: dict[str, list[Encoded]]) -> str:
-    h = hashlib.sha256()
-    for split in sorted(data):
-        for row in data[split]:
-            h.update(json.dumps([split, row.input_ids, row.loss_mask]).encode())
     return h.hexdigest()
 
 

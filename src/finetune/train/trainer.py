@@ -22,17 +22,19 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from finetune.config import Settings
 from finetune.data.templating import Encoded
+from finetune.data.tokenized import TokenizedData, TokenizedSplit
 from finetune.errors import FingerprintMismatch, TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints
@@ -41,7 +43,6 @@ from finetune.train.checkpoints import LoopState
 from finetune.train.distributed import Reducer, dropout_seed, runtime_fingerprint
 from finetune.train.fingerprints import (
     check_fingerprints,
-    data_fingerprint,
     model_fingerprint,
     tokenizer_fingerprint,
 )
@@ -58,12 +59,16 @@ ProgressFn = Callable[[dict[str, Any]], None]
 # ---------------------------------------------------------------- data check
 
 
-def usable_rows(rows: Sequence[Encoded], split: str) -> tuple[list[Encoded], str | None]:
-    """Drop rows without a predictable target (they would add 0/0 to the loss); say so."""
-    kept = [r for r in rows if len(r.input_ids) >= 2 and batching.n_targets(r) > 0]
-    if len(kept) == len(rows):
+def usable_rows(split: TokenizedSplit, name: str) -> tuple[np.ndarray, str | None]:
+    """Indices of the rows with a predictable target, and a note when some had none."""
+    kept = batching.usable(split)
+    if len(kept) == len(split):
         return kept, None
-    return kept, f"{split}: dropped {len(rows) - len(kept)} of {len(rows)} rows with no supervised tokens"
+    return kept, f"{name}: dropped {len(split) - len(kept)} of {len(split)} rows with no supervised tokens"
+
+
+def as_tokenized(data: TokenizedData | Mapping[str, Sequence[Encoded]]) -> TokenizedData:
+    return data if isinstance(data, TokenizedData) else TokenizedData.from_encoded(data)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -76,11 +81,12 @@ class Trainer:
         self,
         settings: Settings,
         model_path: str,
-        data: dict[str, list[Encoded]],
+        data: TokenizedData | Mapping[str, Sequence[Encoded]],
         run_dir: Path,
         on_progress: ProgressFn | None = None,
         dist: Reducer | None = None,  # the other ranks of a data-parallel run; only rank 0 writes files
     ):
+        data = as_tokenized(data)
         self.settings = settings
         self.t = settings.training
         self.dist = dist or Reducer()
@@ -90,16 +96,17 @@ class Trainer:
         self.ckpt_root = self.run_dir / CHECKPOINTS_DIR
         self.on_progress = on_progress
         self.model_path = model_path
-        if "train" not in data or "valid" not in data:
-            raise TrainingError(f"tokenized data needs 'train' and 'valid' splits, got {sorted(data)}")
-        self.train_rows, train_note = usable_rows(data["train"], "train")
-        self.valid_rows, valid_note = usable_rows(data["valid"], "valid")
+        if "train" not in data.splits or "valid" not in data.splits:
+            raise TrainingError(f"tokenized data needs 'train' and 'valid' splits, got {sorted(data.splits)}")
+        self.train, self.valid = data.splits["train"], data.splits["valid"]
+        self.train_rows, train_note = usable_rows(self.train, "train")
+        self.valid_rows, valid_note = usable_rows(self.valid, "valid")
         self.data_notes = [n for n in (train_note, valid_note) if n]
-        if not self.valid_rows:
+        if not len(self.valid_rows):
             raise TrainingError("the validation split has no rows with supervised tokens")
-        longest = max(len(r.input_ids) for r in (*self.train_rows, *self.valid_rows))
+        self.lengths = self.train.lengths()[self.train_rows].tolist()
+        longest = max([*self.lengths, *self.valid.lengths()[self.valid_rows].tolist()])
         self.widths = batching.pad_widths(max(settings.template.max_seq_length, longest) - 1)
-        self.lengths = [len(r.input_ids) for r in self.train_rows]
         self.batches_per_epoch = len(self.train_rows) // self.t.batch_size
         if self.batches_per_epoch == 0:
             raise TrainingError(
@@ -111,7 +118,7 @@ class Trainer:
             "config": settings.fingerprint(),
             "model": model_fingerprint(model_dir),
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "data": data_fingerprint({"train": data["train"], "valid": data["valid"]}),
+            "data": data.version,  # names the rows, the template and the tokenizer
         }
         self.dist.check_agreement({**self.fingerprints, "runtime": runtime_fingerprint()}, self.t.batch_size)
         self.optimizer = build_optimizer(settings, self.total_steps)
@@ -132,8 +139,8 @@ class Trainer:
         if self.t.val_batches != -1:
             # A fixed random subset, not the shortest rows that a length sort would put first.
             order = batching.epoch_order(len(rows), self.t.seed)
-            rows = [rows[i] for i in order[: self.t.val_batches * self.t.batch_size]]
-        return batching.eval_batches(rows, self.t.batch_size, self.widths)
+            rows = rows[order[: self.t.val_batches * self.t.batch_size]]
+        return batching.eval_batches_packed(self.valid, rows, self.t.batch_size, self.widths)
 
     def restore(self, fresh: bool = False) -> int | None:
         """Resume from the newest valid checkpoint (or wipe the run when ``fresh``); returns its step."""
@@ -180,9 +187,9 @@ class Trainer:
                 self.lengths, self.t.batch_size, self.t.seed, s.epoch, self.t.sort_window_batches
             )
             self._plan = (s.epoch, plan)
-        rows = [self.train_rows[i] for i in self._plan[1][s.batch_index]]
+        rows = self.train_rows[self._plan[1][s.batch_index]]
         s.batch_index += 1
-        return batching.collate(rows, self.widths)
+        return batching.collate_packed(self.train, rows, self.widths)
 
     # ----- steps
 
@@ -398,7 +405,7 @@ class Trainer:
 def train(
     settings: Settings,
     model_path: str,
-    data: dict[str, list[Encoded]],
+    data: TokenizedData | Mapping[str, Sequence[Encoded]],
     run_dir: Path,
     on_progress: ProgressFn | None = None,
     fresh: bool = False,
