@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from finetune.cli.options import ConfigOption, SetOption
+
 app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, add_completion=False)
 
 
@@ -21,10 +23,8 @@ def check(
     source: Annotated[
         str, typer.Argument(help="Path, file://, s3://, https:// or hf: dataset (overrides dataset.source).")
     ],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
-    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     keep_going: Annotated[
         bool, typer.Option("--keep-going", help="List every bad row instead of stopping at the first.")
     ] = False,

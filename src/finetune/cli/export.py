@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.main import ConfigOption, SetOption, settings_from, user_errors
+from finetune.cli.main import settings_from, user_errors
+from finetune.cli.options import ConfigOption, SetOption
 from finetune.export import FORMATS
 
 

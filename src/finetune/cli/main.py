@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from finetune.cli.demo import DEFAULT_DEMO_MODEL, demo_overrides, print_examples
+from finetune.cli.options import ConfigOption, FreshOption, RunIdOption, SetOption
 from finetune.config import Settings, load_settings
 
 app = typer.Typer(
@@ -24,11 +25,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
-]
 HostsOption = Annotated[
     Path | None,
     typer.Option(help="mlx.launch hostfile: train data-parallel, one rank per entry (sets training.hosts)."),
@@ -90,10 +86,8 @@ def demo(
 def run(
     config: ConfigOption = None,
     overrides: SetOption = None,
-    run_id: Annotated[
-        str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")
-    ] = None,
-    fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+    run_id: RunIdOption = None,
+    fresh: FreshOption = False,
     force: Annotated[
         bool, typer.Option(help="Train even if data, model and config equal the last published run's.")
     ] = False,
@@ -109,10 +103,8 @@ def run(
 def train(
     config: ConfigOption = None,
     overrides: SetOption = None,
-    run_id: Annotated[
-        str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")
-    ] = None,
-    fresh: Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")] = False,
+    run_id: RunIdOption = None,
+    fresh: FreshOption = False,
     hosts: HostsOption = None,
 ) -> None:
     """Run the training stage alone (fetch, template, train) without Prefect; prints the adapter path."""

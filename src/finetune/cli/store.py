@@ -17,10 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOption = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
-]
+from finetune.cli.options import ConfigOption, SetOption
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 runs_app = typer.Typer(help="Published runs in the store.", no_args_is_help=True, add_completion=False)

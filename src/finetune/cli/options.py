@@ -1,0 +1,15 @@
+"""Options every command shares, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+]
+RunIdOption = Annotated[str | None, typer.Option(help="Stable run id: re-running it resumes from its checkpoints.")]
+FreshOption = Annotated[bool, typer.Option(help="Discard this run id's checkpoints and start over.")]
