@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     import mlx.core as mx
 
     from finetune.config import load_settings
-    from finetune.data.tokenized import load_tokenized
+    from finetune.data.tokenized import read_tokenized
     from finetune.train.distributed import Reducer
     from finetune.train.trainer import Trainer
 
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     settings = load_settings(
         None, [f"training.batch_size={args.batch}", f"training.iters={args.steps + WARMUP}", "lora.rank=8"]
     )
-    trainer = Trainer(settings, args.model, load_tokenized(Path(args.data)), Path(args.run_dir), dist=dist)
+    trainer = Trainer(settings, args.model, read_tokenized(Path(args.data)), Path(args.run_dir), dist=dist)
     trainer._compile()
     trainer.model.train()
     timed = {"seconds": 0.0, "tokens": 0, "comm_seconds": 0.0, "comm_bytes": 0}

@@ -13,13 +13,13 @@ needs the cursor (epoch, batch index) to continue with the same batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from finetune.data.templating import Encoded
-from finetune.data.tokenized import TokenizedSplit
+from finetune.data.tokenized import TokenizedData, TokenizedSplit
 
 PAD_ID = 0  # any valid id works: padded positions are masked out of the loss
 
@@ -144,3 +144,15 @@ def padding_stats(batches: Sequence[Batch]) -> dict[str, float]:
         "supervised_tokens": sum(b.n_targets for b in batches),
         "padded_fraction": 1.0 - real / computed if computed else 0.0,
     }
+
+
+def usable_rows(split: TokenizedSplit, name: str) -> tuple[np.ndarray, str | None]:
+    """Indices of the rows with a predictable target, and a note when some had none."""
+    kept = usable(split)
+    if len(kept) == len(split):
+        return kept, None
+    return kept, f"{name}: dropped {len(split) - len(kept)} of {len(split)} rows with no supervised tokens"
+
+
+def as_tokenized(data: TokenizedData | Mapping[str, Sequence[Encoded]]) -> TokenizedData:
+    return data if isinstance(data, TokenizedData) else TokenizedData.from_encoded(data)

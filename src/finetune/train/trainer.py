@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from finetune.config import Settings
 from finetune.data.templating import Encoded
-from finetune.data.tokenized import TokenizedData, TokenizedSplit
+from finetune.data.tokenized import TokenizedData
 from finetune.errors import FingerprintMismatch, TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints
@@ -56,21 +55,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-# ---------------------------------------------------------------- data check
-
-
-def usable_rows(split: TokenizedSplit, name: str) -> tuple[np.ndarray, str | None]:
-    """Indices of the rows with a predictable target, and a note when some had none."""
-    kept = batching.usable(split)
-    if len(kept) == len(split):
-        return kept, None
-    return kept, f"{name}: dropped {len(split) - len(kept)} of {len(split)} rows with no supervised tokens"
-
-
-def as_tokenized(data: TokenizedData | Mapping[str, Sequence[Encoded]]) -> TokenizedData:
-    return data if isinstance(data, TokenizedData) else TokenizedData.from_encoded(data)
-
-
 # ---------------------------------------------------------------- the trainer
 
 
@@ -86,7 +70,7 @@ class Trainer:
         on_progress: ProgressFn | None = None,
         dist: Reducer | None = None,  # the other ranks of a data-parallel run; only rank 0 writes files
     ):
-        data = as_tokenized(data)
+        data = batching.as_tokenized(data)
         self.settings = settings
         self.t = settings.training
         self.dist = dist or Reducer()
@@ -99,8 +83,8 @@ class Trainer:
         if "train" not in data.splits or "valid" not in data.splits:
             raise TrainingError(f"tokenized data needs 'train' and 'valid' splits, got {sorted(data.splits)}")
         self.train, self.valid = data.splits["train"], data.splits["valid"]
-        self.train_rows, train_note = usable_rows(self.train, "train")
-        self.valid_rows, valid_note = usable_rows(self.valid, "valid")
+        self.train_rows, train_note = batching.usable_rows(self.train, "train")
+        self.valid_rows, valid_note = batching.usable_rows(self.valid, "valid")
         self.data_notes = [n for n in (train_note, valid_note) if n]
         if not len(self.valid_rows):
             raise TrainingError("the validation split has no rows with supervised tokens")
