@@ -41,6 +41,7 @@ from tasks.publish import (
     find_published_run,
     promote_candidate,
     publish_bundle,
+    trial_storage,
 )
 from tasks.schedule import (
     check_unchanged,
@@ -71,11 +72,13 @@ def finetune_pipeline(
     run_id: str | None = None,
     fresh: bool = False,
     force: bool = False,
+    sweep_id: str | None = None,
 ) -> dict[str, Any] | State:
     """Train, evaluate and publish one LoRA adapter; re-running with the same run_id resumes it.
 
     Skipped (state Skipped) when dataset version, base model and configuration equal the
-    last published run's, unless ``force``.
+    last published run's, unless ``force``. As a trial of sweep ``sweep_id`` the bundle goes
+    to the sweep's staging area of the store and is never promoted: the sweep promotes its winner.
     """
     enter_worker_dir()
     settings = settings_from_sections(
@@ -95,7 +98,8 @@ def finetune_pipeline(
     log_late_start()
 
     store_uri = check_storage(settings.storage)
-    if done := find_published_run(settings.storage, run_id):
+    publish_to = trial_storage(settings.storage, sweep_id) if sweep_id else settings.storage
+    if done := find_published_run(publish_to, run_id):
         return already_published(done, run_dir, store_uri)
     model_path = resolve_model(settings.model.path, settings.model.revision, work_dir, settings.model.dtype)
 
@@ -142,11 +146,14 @@ def finetune_pipeline(
         reports,
     )
     exports = export_formats(bundle_dir, settings) if settings.export.formats else []
-    fields = manifest_fields(settings, fetched["version"], tokens["version"], report)
-    published = publish_bundle(settings.storage, run_id, bundle_dir, {**fields, "exports": exports})
-    promotion = promote_candidate(
-        settings.storage, run_id, report, settings.evaluation.promotion_margin, champion["run_id"] if champion else None
-    )
+    fields = manifest_fields(settings, fetched["version"], tokens["version"], report, champion)
+    published = publish_bundle(publish_to, run_id, bundle_dir, {**fields, "exports": exports})
+    if sweep_id:
+        promotion = {"promoted": False, "reason": f"trial of sweep {sweep_id}: the sweep promotes its winner"}
+    else:
+        promotion = promote_candidate(
+            settings.storage, run_id, report, settings.evaluation.promotion_margin, champion and champion["run_id"]
+        )
     link_bundle(published["uri"], run_id, promotion["promoted"])
 
     return {

@@ -14,9 +14,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
-from finetune.layout import run_key
+from finetune.layout import run_key, sweep_key
 from finetune.publishing import fetch_bundle, promote_if_better, publish_run, read_champion, read_manifest
 from finetune.store import open_store
+
+
+def trial_storage(storage: StorageConfig, sweep_id: str) -> StorageConfig:
+    """The sweep's staging area as a store of its own: same credentials and endpoint, prefix ``sweeps/<id>``."""
+    return storage.model_copy(update={"uri": f"{storage.uri.rstrip('/')}/{sweep_key(sweep_id)}"})
 
 
 @task(name="publish-bundle", cache_policy=NO_CACHE, result_serializer="json")

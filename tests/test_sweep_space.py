@@ -62,8 +62,10 @@ def test_run_id_depends_on_sweep_and_parameters_not_position() -> None:
 def test_grid_only_sweep_is_the_product_capped_by_max_trials() -> None:
     s = build_sweep({**BASE, "sweep": {"grid": {"lora.rank": [4, 8], "training.learning_rate": [1e-3, 1e-4]}}})
     assert [t.params for t in s.trials] == [
-        {"lora.rank": 4, "training.learning_rate": 1e-3}, {"lora.rank": 4, "training.learning_rate": 1e-4},
-        {"lora.rank": 8, "training.learning_rate": 1e-3}, {"lora.rank": 8, "training.learning_rate": 1e-4},
+        {"lora.rank": 4, "training.learning_rate": 1e-3},
+        {"lora.rank": 4, "training.learning_rate": 1e-4},
+        {"lora.rank": 8, "training.learning_rate": 1e-3},
+        {"lora.rank": 8, "training.learning_rate": 1e-4},
     ]
     with pytest.raises(ConfigError, match=r"4 combinations, more than sweep.max_trials=3"):
         build_sweep({**BASE, "sweep": {"max_trials": 3, "grid": {"lora.rank": [4, 8], "training.seed": [1, 2]}}})
@@ -72,19 +74,40 @@ def test_grid_only_sweep_is_the_product_capped_by_max_trials() -> None:
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        ({"grid": {"training.learnig_rate": [1e-3]}}, r"sweep.grid 'training.learnig_rate': unknown config field \(did you mean training.learning_rate\?\)"),
+        (
+            {"grid": {"training.learnig_rate": [1e-3]}},
+            r"sweep.grid 'training.learnig_rate': unknown config field \(did you mean training.learning_rate\?\)",
+        ),
         ({"grid": {"trainer.iters": [1]}}, r"sweep.grid 'trainer.iters': unknown config field"),
-        ({"random": {"lora.rnk": {"distribution": "choice", "values": [4]}}, "max_trials": 2}, r"sweep.random 'lora.rnk': unknown"),
+        (
+            {"random": {"lora.rnk": {"distribution": "choice", "values": [4]}}, "max_trials": 2},
+            r"sweep.random 'lora.rnk': unknown",
+        ),
         ({"grid": {"storage.uri": ["s3://x/y"]}}, r"'storage.uri': storage cannot be swept"),
-        ({"random": {"training.learning_rate": {"distribution": "log_uniform", "low": 0, "high": 1}}, "max_trials": 2},
-         r"sweep.random.training.learning_rate.log_uniform': Value error, log_uniform needs low > 0"),
-        ({"random": {"training.learning_rate": {"distribution": "gaussian", "low": 0, "high": 1}}, "max_trials": 2},
-         r"sweep.random.training.learning_rate': Input tag 'gaussian'"),
-        ({"random": {"lora.dropout": {"distribution": "uniform", "low": 0.2, "high": 0.1}}, "max_trials": 2},
-         r"sweep.random.lora.dropout.uniform': Value error, low \(0.2\) must be below high"),
-        ({"random": {"lora.dropout": {"distribution": "uniform", "low": 0, "high": 0.1}}}, r"random draws need max_trials"),
+        (
+            {
+                "random": {"training.learning_rate": {"distribution": "log_uniform", "low": 0, "high": 1}},
+                "max_trials": 2,
+            },
+            r"sweep.random.training.learning_rate.log_uniform': Value error, log_uniform needs low > 0",
+        ),
+        (
+            {"random": {"training.learning_rate": {"distribution": "gaussian", "low": 0, "high": 1}}, "max_trials": 2},
+            r"sweep.random.training.learning_rate': Input tag 'gaussian'",
+        ),
+        (
+            {"random": {"lora.dropout": {"distribution": "uniform", "low": 0.2, "high": 0.1}}, "max_trials": 2},
+            r"sweep.random.lora.dropout.uniform': Value error, low \(0.2\) must be below high",
+        ),
+        (
+            {"random": {"lora.dropout": {"distribution": "uniform", "low": 0, "high": 0.1}}},
+            r"random draws need max_trials",
+        ),
         ({"grid": {"lora.rank": []}}, r"grid field 'lora.rank' has no values"),
-        ({"grid": {"lora.rank": [0]}}, r"trial 0 \(lora.rank=0\): config key 'lora.rank': Input should be greater than 0"),
+        (
+            {"grid": {"lora.rank": [0]}},
+            r"trial 0 \(lora.rank=0\): config key 'lora.rank': Input should be greater than 0",
+        ),
         ({"grid": {"lora.dropout": [0.1]}, "max_trails": 2}, r"unknown config key 'sweep.max_trails'"),
         ({}, r"search space is empty"),
     ],
@@ -107,17 +130,30 @@ def test_bad_base_config_and_missing_section(tmp_path) -> None:
     assert loaded.settings(loaded.trials[0]).training.steps_per_eval == 5
 
 
-def outcome(index: int, score: float | None, *, metric: str = "val_loss", promote: bool = True, state: str = "Completed"):
+def outcome(
+    index: int, score: float | None, *, metric: str = "val_loss", promote: bool = True, state: str = "Completed"
+):
     trial = Trial(index, f"s-{index}", {"training.learning_rate": 10.0 ** -(index + 2), "lora.rank": 4 * (index + 1)})
     metrics = {} if score is None else {metric: score, "val_loss": score}
-    return TrialOutcome(trial, state, metrics=metrics, primary_metric=metric,
-                        decision={"promote": promote, "reason": "r"}, tokens_per_sec=100.0 + index, wall_seconds=9.0)
+    return TrialOutcome(
+        trial,
+        state,
+        metrics=metrics,
+        primary_metric=metric,
+        decision={"promote": promote, "reason": "r"},
+        tokens_per_sec=100.0 + index,
+        wall_seconds=9.0,
+    )
 
 
 def test_rank_follows_the_metric_direction_and_the_gate() -> None:
     losses = [outcome(0, 2.0), outcome(1, 1.5), outcome(2, 1.7), outcome(3, None, state="Crashed")]
     assert [o.trial.index for o in rank(losses)] == [1, 2, 0]
-    scores = [outcome(0, 0.2, metric="exact_match"), outcome(1, 0.5, metric="exact_match"), outcome(2, 0.4, metric="exact_match")]
+    scores = [
+        outcome(0, 0.2, metric="exact_match"),
+        outcome(1, 0.5, metric="exact_match"),
+        outcome(2, 0.4, metric="exact_match"),
+    ]
     assert [o.trial.index for o in rank(scores)] == [1, 2, 0]
     # The best trial failed the gate (e.g. a floor): the best one that passed wins; none passing: no winner.
     gated = [outcome(0, 2.0), outcome(1, 1.5, promote=False), outcome(2, 1.7)]
@@ -140,8 +176,18 @@ def test_median_stopping() -> None:
 def test_table_rows_and_plot() -> None:
     outcomes = [outcome(0, 2.0), outcome(1, 1.5), outcome(2, None, state="Crashed")]
     rows = trial_rows(outcomes, ["training.learning_rate", "lora.rank"], "val_loss", "s-1")
-    assert rows[1] == {"trial": 1, "run_id": "s-1", "training.learning_rate": 0.001, "lora.rank": 8, "val_loss": 1.5,
-                       "tokens_per_sec": 101.0, "wall_seconds": 9.0, "state": "Completed", "worker": None, "winner": True}
+    assert rows[1] == {
+        "trial": 1,
+        "run_id": "s-1",
+        "training.learning_rate": 0.001,
+        "lora.rank": 8,
+        "val_loss": 1.5,
+        "tokens_per_sec": 101.0,
+        "wall_seconds": 9.0,
+        "state": "Completed",
+        "worker": None,
+        "winner": True,
+    }
     assert rows[2]["state"] == "Crashed" and rows[2]["val_loss"] is None and not rows[0]["winner"]
     png = metric_plot_png(outcomes, ["training.learning_rate", "lora.rank"], "val_loss")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000

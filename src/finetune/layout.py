@@ -4,7 +4,7 @@ Local: ``<work_dir>/runs/<run_id>/`` holds one run (checkpoints, adapter, bundle
 reports); datasets, tokenized data, built models and fetched bundles are caches
 under ``<work_dir>``. Store: ``runs/<run_id>/`` holds a published bundle and its
 manifest, ``champion.json`` the champion pointer, ``training/<run_id>/checkpoints``
-the mirrored checkpoints.
+the mirrored checkpoints, ``sweeps/<sweep_id>/`` a sweep's trial bundles (a store of its own).
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def attempt_key(run_id: str, attempt_id: str) -> str:
 def checkpoints_key(run_id: str) -> str:
     """Mirrored checkpoints live apart from ``runs/`` so bundle publishing never sees them."""
     return f"training/{check_run_id(run_id)}/checkpoints"
+
+
+def sweep_key(sweep_id: str) -> str:
+    """A sweep's staging area: its trials publish under ``sweeps/<sweep_id>/runs/`` until the winner is chosen."""
+    return f"sweeps/{check_run_id(sweep_id)}"
 
 
 def run_ref(store_uri: str, run_id: str) -> str:

@@ -226,10 +226,12 @@ def command_name() -> str:
 
 def _register_subcommands() -> None:
     from finetune.cli import data, export, store
+    from finetune.cli.sweep import sweep
 
     app.add_typer(data.app, name="data")
     store.register(app)
     export.register(app)
+    app.command()(user_errors(sweep))
 
 
 _register_subcommands()

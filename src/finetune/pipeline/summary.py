@@ -31,7 +31,11 @@ def bundle_metrics(report: dict[str, Any], trained: dict[str, Any]) -> dict[str,
 
 
 def manifest_fields(
-    settings: Settings, data_version: str, tokens_version: str, report: dict[str, Any]
+    settings: Settings,
+    data_version: str,
+    tokens_version: str,
+    report: dict[str, Any],
+    champion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the manifest records besides the files: inputs, config, fingerprint, metrics, the score to promote on."""
     from finetune import __version__
@@ -49,6 +53,8 @@ def manifest_fields(
             "metric": report["primary_metric"],
             "score": candidate.get(report["primary_metric"]),
             "higher_is_better": report["higher_is_better"],
+            # Whose metrics report["metrics"]["champion"] are: a later promotion compares like for like.
+            "champion_run_id": champion["run_id"] if champion else None,
         },
         "code_version": __version__,
     }

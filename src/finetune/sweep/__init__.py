@@ -5,6 +5,17 @@ from finetune.sweep.selection import TrialOutcome, rank, should_stop, val_losses
 from finetune.sweep.space import Sweep, SweepSpec, Trial, build_sweep, load_sweep, trial_run_id
 
 __all__ = [
-    "Sweep", "SweepSpec", "Trial", "TrialOutcome", "build_sweep", "load_sweep", "metric_plot_png", "rank",
-    "should_stop", "trial_rows", "trial_run_id", "val_losses", "winner",
+    "Sweep",
+    "SweepSpec",
+    "Trial",
+    "TrialOutcome",
+    "build_sweep",
+    "load_sweep",
+    "metric_plot_png",
+    "rank",
+    "should_stop",
+    "trial_rows",
+    "trial_run_id",
+    "val_losses",
+    "winner",
 ]

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.evaluation import higher_is_better, improvement
+from finetune.evaluation.gate import improvement
+from finetune.evaluation.metrics import higher_is_better
 from finetune.sweep.space import Trial
 
 COMPLETED = "Completed"
@@ -45,7 +46,9 @@ def primary_metric_of(outcomes: Sequence[TrialOutcome]) -> str:
     """The one metric every finished trial was judged on; trials measured on different metrics are not comparable."""
     metrics = {o.primary_metric for o in outcomes if o.finished}
     if len(metrics) != 1:
-        raise ValueError(f"finished trials disagree on the primary metric ({sorted(map(str, metrics))}): not comparable")
+        raise ValueError(
+            f"finished trials disagree on the primary metric ({sorted(map(str, metrics))}): not comparable"
+        )
     return metrics.pop()  # type: ignore[return-value]
 
 
@@ -84,7 +87,10 @@ def should_stop(
         return False, f"{len(peers)} finished trials have a validation loss at step {step}, fewer than {min_finished}"
     median = statistics.median(peers)
     if curve[step] > median:
-        return True, f"validation loss {curve[step]:.4f} at step {step} is worse than the median {median:.4f} of {len(peers)} finished trials"
+        return (
+            True,
+            f"validation loss {curve[step]:.4f} at step {step} is worse than the median {median:.4f} of {len(peers)} finished trials",
+        )
     return False, f"validation loss {curve[step]:.4f} at step {step} is not worse than the median {median:.4f}"
 
 

@@ -27,6 +27,8 @@ from finetune.config import SECTIONS, ConfigError, Settings, describe_validation
 UNSWEEPABLE = ("storage", "work_dir")
 SIGNIFICANT_DIGITS = 4
 SWEEP_KEY = "sweep"
+# What the tokenized dataset depends on.
+DATA_SECTIONS = ("dataset", "template", "model")
 
 
 class _Spec(BaseModel):
@@ -98,14 +100,19 @@ class MedianStopping(_Spec):
 
 class SweepSpec(_Spec):
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Sweep id (run ids derive from it); default: derived from the base config and the space.",
     )
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted field -> values, every combination.")
     random: dict[str, Distribution] = Field(default_factory=dict, description="Dotted field -> distribution.")
-    max_trials: int | None = Field(None, gt=0, description="Number of trials when random draws are given; a cap otherwise.")
+    max_trials: int | None = Field(
+        None, gt=0, description="Number of trials when random draws are given; a cap otherwise."
+    )
     seed: int = 0
-    publish_all: bool = Field(False, description="Also publish the losing trials' bundles (never as champion candidates).")
+    publish_all: bool = Field(
+        False, description="Also publish the losing trials' bundles (never as champion candidates)."
+    )
     early_stopping: MedianStopping | None = None
 
     @model_validator(mode="after")
@@ -146,6 +153,15 @@ class Sweep:
     def swept_fields(self) -> list[str]:
         return [*self.spec.grid, *self.spec.random]
 
+    def data_groups(self) -> list[list[Trial]]:
+        """Trials that read the same tokenized data: equal dataset, template and model sections."""
+        groups: dict[str, list[Trial]] = {}
+        for trial in self.trials:
+            public = self.settings(trial).public_dict()
+            key = json.dumps({name: public[name] for name in DATA_SECTIONS}, sort_keys=True)
+            groups.setdefault(key, []).append(trial)
+        return list(groups.values())
+
 
 def _round(value: float) -> float:
     # A few significant digits: readable in the table, and identical on every platform's float formatting.
@@ -166,7 +182,9 @@ def check_field(dotted: str, where: str) -> None:
     if section in UNSWEEPABLE:
         raise ConfigError(f"{where} {dotted!r}: {section} cannot be swept (every trial shares it)")
     if section not in SECTIONS:
-        raise ConfigError(f"{where} {dotted!r}: unknown config field (sections: {', '.join(s for s in SECTIONS if s not in UNSWEEPABLE)})")
+        raise ConfigError(
+            f"{where} {dotted!r}: unknown config field (sections: {', '.join(s for s in SECTIONS if s not in UNSWEEPABLE)})"
+        )
     fields = Settings.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
     if key not in fields:
         close = difflib.get_close_matches(key, fields, n=1)
@@ -244,8 +262,8 @@ def build_sweep(data: dict[str, Any], source: str = "sweep config") -> Sweep:
     return Sweep(sweep_id, spec, base, trials)
 
 
-def load_sweep(path: Path | str, overrides: dict[str, Any] | None = None) -> Sweep:
-    """Read a sweep YAML file: the usual config sections plus a ``sweep:`` section."""
+def sweep_mapping(path: Path | str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sweep YAML file as a mapping (the usual config sections plus ``sweep:``), with overrides merged in."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path}: not found")
@@ -257,4 +275,9 @@ def load_sweep(path: Path | str, overrides: dict[str, Any] | None = None) -> Swe
         raise ConfigError(f"sweep file {path}: expected a mapping of sections at the top level")
     for section, values in (overrides or {}).items():
         data[section] = {**(data.get(section) or {}), **values} if isinstance(values, dict) else values
-    return build_sweep(data, f"sweep file {path}")
+    return data
+
+
+def load_sweep(path: Path | str, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Read and expand a sweep YAML file."""
+    return build_sweep(sweep_mapping(path, overrides), f"sweep file {path}")
