@@ -31,14 +31,17 @@ def schedules_of(spec: dict[str, Any]) -> list[Schedule]:
 
 
 def runner_deployments(project: Project) -> list[RunnerDeployment]:
-    """prefect.yaml's deployments, as ``serve`` takes them."""
-    from flows.finetune import finetune_pipeline
+    """prefect.yaml's deployments, as ``serve`` takes them (not the sweep: it waits on trials that
+    one-at-a-time serving could never start; ``finetune sweep`` queues them from the terminal)."""
+    from prefect.flows import load_flow_from_entrypoint
 
     deployments = []
     for spec in project.deployments:
+        if spec["name"] == "sweep":
+            continue
         limit = spec.get("concurrency_limit") or {}
         deployments.append(
-            finetune_pipeline.to_deployment(
+            load_flow_from_entrypoint(spec["entrypoint"]).to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 tags=spec.get("tags"),

@@ -202,9 +202,13 @@ def test_prefect_yaml_deployments() -> None:
     project = load_project()
     assert project.pool == "mac-mlx" and project.heartbeat_seconds >= 30
     names = {d["name"]: d for d in project.deployments}
-    assert set(names) == {"finetune", "retrain-nightly"}
-    for spec in names.values():
-        assert spec["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert set(names) == {"finetune", "retrain-nightly", "sweep-trial", "sweep"}
+    for name in ("finetune", "retrain-nightly"):
+        assert names[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    # Trials run side by side across the pool; the sweep itself waits on a queue of its own.
+    assert "concurrency_limit" not in names["sweep-trial"] and "concurrency_limit" not in names["sweep"]
+    assert names["sweep"]["work_pool"]["work_queue_name"] == "sweeps"
+    assert names["sweep-trial"]["work_pool"]["work_queue_name"] == "default"
     nightly = names["retrain-nightly"]
     assert nightly["schedules"][0]["cron"] and nightly["schedules"][0]["timezone"]
     trigger = nightly["triggers"][0]
@@ -227,7 +231,7 @@ def test_entrypoints_are_modules_so_the_finetune_package_stays_importable() -> N
     for spec in load_project().deployments:
         assert ".py" not in spec["entrypoint"], spec["entrypoint"]
         flow = load_flow_from_entrypoint(spec["entrypoint"])
-        assert flow.name == "finetune-pipeline"
+        assert flow.name == ("finetune-sweep" if spec["name"] == "sweep" else "finetune-pipeline")
     from finetune import __version__  # noqa: F401
 
     assert Path(sys.modules["finetune"].__file__).parent.name == "finetune"
@@ -248,7 +252,7 @@ def test_serve_builds_the_same_deployments() -> None:
 
     project = load_project()
     served = {d.name: d for d in runner_deployments(project)}
-    assert set(served) == {d["name"] for d in project.deployments}
+    assert set(served) == {d["name"] for d in project.deployments} - {"sweep"}
     nightly_spec = next(d for d in project.deployments if d["name"] == "retrain-nightly")
     nightly = served["retrain-nightly"]
     schedule = nightly.schedules[0]
@@ -261,6 +265,9 @@ def test_serve_builds_the_same_deployments() -> None:
     assert nightly.triggers[0].expect == {"finetune.dataset.updated"}
     for deployment in served.values():
         assert deployment.entrypoint == "flows.finetune.finetune_pipeline"
+        if deployment.name == "sweep-trial":
+            assert deployment.concurrency_limit is None
+            continue
         assert deployment.concurrency_limit == 1
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
 
