@@ -51,7 +51,7 @@ def finetune_sweep(
     finished = wait_for_runs(runs, poll_seconds)
     settings = sweep.settings(sweep.trials[0])
     staging = trial_storage(settings.storage, sweep.sweep_id)
-    outcomes = [collect_outcome(t, r, staging) for t, r in zip(sweep.trials, finished)]
+    outcomes = [collect_outcome(t, r.id, staging) for t, r in zip(sweep.trials, finished)]
 
     unfinished = [o for o in outcomes if o.state != "Completed"]
     ranked = rank(outcomes)

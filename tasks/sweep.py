@@ -125,8 +125,10 @@ def _tokens_per_sec(flow_run_id: UUID) -> float | None:
 
 
 @task(name="collect-trial", cache_policy=NO_CACHE)
-def collect_outcome(trial: Trial, run: FlowRun, staging: StorageConfig) -> TrialOutcome:
+def collect_outcome(trial: Trial, flow_run_id: UUID, staging: StorageConfig) -> TrialOutcome:
     """What a trial left: its state and wall time from its flow run; metrics and the gate's verdict from its manifest."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
     outcome = TrialOutcome(trial, run.state.name if run.state else "?", flow_run_id=str(run.id))
     if run.start_time and run.end_time:
         outcome.wall_seconds = (run.end_time - run.start_time).total_seconds()
