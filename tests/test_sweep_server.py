@@ -279,10 +279,7 @@ def stores(endpoint: str, sweep_id: str):
 def test_sweep_runs_trials_on_both_workers_and_promotes_the_best_once(first_sweep, workers, endpoint) -> None:
     runs = first_sweep["runs"]
     assert len(runs) == 4 and all(r.state.type == StateType.COMPLETED for r in runs), [r.state for r in runs]
-    by_worker = {
-        name: {r.name for r in runs if f"submitting flow run '{r.id}'" in log.read_text(errors="replace")}
-        for name, log in workers["logs"].items()
-    }
+    by_worker = {name: {r.name for r in runs if ran_on(r, log)} for name, log in workers["logs"].items()}
     assert all(by_worker.values()), by_worker  # both Macs trained
     assert sum(map(len, by_worker.values())) == 4
     seconds = [(r.end_time - r.start_time).total_seconds() for r in runs]
