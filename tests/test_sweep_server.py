@@ -160,6 +160,18 @@ def pids_of(pattern: str) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- fixtures
 
 
+@pytest.fixture
+def reaper() -> Iterator[list[int]]:
+    """Pids this test stopped or started: killed at the end even when an assertion failed midway."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report_timings() -> Iterator[None]:
     yield
@@ -338,7 +350,7 @@ def test_sweep_runs_trials_on_both_workers_and_promotes_the_best_once(first_swee
 
 
 def test_killed_trial_resumes_from_its_checkpoint_and_finished_ones_are_not_retrained(
-    first_sweep, workers, api: PrefectServer, endpoint: str, tmp_path
+    first_sweep, workers, api: PrefectServer, endpoint: str, tmp_path, reaper
 ) -> None:
     work = tmp_path / "work"
     config = sweep_yaml(
@@ -346,6 +358,7 @@ def test_killed_trial_resumes_from_its_checkpoint_and_finished_ones_are_not_retr
     )
     started = time.monotonic()
     parent = run_sweep(api, config)
+    reaper.append(parent[0].pid)
 
     def a_trial_with_a_checkpoint() -> str | None:
         for run_dir in sorted((work / "runs").glob("lr-resume-*")):
@@ -355,10 +368,11 @@ def test_killed_trial_resumes_from_its_checkpoint_and_finished_ones_are_not_retr
 
     victim = wait_for(a_trial_with_a_checkpoint, 300, "a trial's first checkpoint", interval=0.1)
     children = pids_of(f"{work}/runs/{victim}/")
+    reaper.extend(pid for pid, _ in children)
     for pid, _ in children:
         os.kill(pid, signal.SIGSTOP)  # freeze it first: it must not finish while we find its worker
     (run,) = [r for r in trial_runs("lr-resume") if r.name == victim]
-    flow_pid = int(run.infrastructure_pid.rsplit(":", 1)[1])
+    flow_pid = int(run.infrastructure_pid.rsplit(":", 1)[-1])
     worker_name = next(n for n, log in workers["logs"].items() if ran_on(run, log))
     worker = workers["procs"][worker_name]
     # The Mac dies: its worker, the flow run's process and the training process, with no chance to clean up.
