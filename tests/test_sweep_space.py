@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.config import ConfigError
-from finetune.sweep import TrialOutcome, build_sweep, load_sweep, metric_plot_png, rank, should_stop, trial_rows, winner
+from finetune.sweep import TrialOutcome, build_sweep, load_sweep, metric_plot_png, rank, trial_rows, winner
 from finetune.sweep.space import Trial
 
 BASE = {"model": {"path": "builtin:tiny-llama"}, "training": {"iters": 10}}
@@ -163,16 +163,6 @@ def test_rank_follows_the_metric_direction_and_the_gate() -> None:
         rank([outcome(0, 1.0), outcome(1, 0.5, metric="exact_match")])
 
 
-def test_median_stopping() -> None:
-    finished = [{5: 2.0, 10: 1.0}, {5: 2.4, 10: 1.4}, {5: 3.0}]
-    assert should_stop({5: 2.5}, finished, min_finished=2, after_step=5)[0]  # median at 5 is 2.4
-    assert not should_stop({5: 2.3}, finished, min_finished=2, after_step=5)[0]
-    assert not should_stop({5: 9.0}, finished, min_finished=4, after_step=5)[0]
-    assert not should_stop({2: 9.0}, finished, min_finished=1, after_step=5)[0]
-    stop, reason = should_stop({5: 2.0, 10: 1.3}, finished, min_finished=2, after_step=5)
-    assert stop and "step 10" in reason and "median 1.2000" in reason
-
-
 def test_table_rows_and_plot() -> None:
     outcomes = [outcome(0, 2.0), outcome(1, 1.5), outcome(2, None, state="Crashed")]
     rows = trial_rows(outcomes, ["training.learning_rate", "lora.rank"], "val_loss", "s-1")
@@ -185,7 +175,6 @@ def test_table_rows_and_plot() -> None:
         "tokens_per_sec": 101.0,
         "wall_seconds": 9.0,
         "state": "Completed",
-        "worker": None,
         "winner": True,
     }
     assert rows[2]["state"] == "Crashed" and rows[2]["val_loss"] is None and not rows[0]["winner"]

@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: a search space over the config, deterministic trials, selection by the gate."""
 
 from finetune.sweep.report import metric_plot_png, trial_rows
-from finetune.sweep.selection import TrialOutcome, rank, should_stop, val_losses, winner
+from finetune.sweep.selection import TrialOutcome, rank, winner
 from finetune.sweep.space import Sweep, SweepSpec, Trial, build_sweep, load_sweep, trial_run_id
 
 __all__ = [
@@ -13,9 +13,7 @@ __all__ = [
     "load_sweep",
     "metric_plot_png",
     "rank",
-    "should_stop",
     "trial_rows",
     "trial_run_id",
-    "val_losses",
     "winner",
 ]

@@ -28,7 +28,6 @@ def trial_rows(
         row["tokens_per_sec"] = _num(o.tokens_per_sec, 1)
         row["wall_seconds"] = _num(o.wall_seconds, 1)
         row["state"] = o.state
-        row["worker"] = o.worker
         row["winner"] = o.trial.run_id == winner_run_id
         rows.append(row)
     return rows

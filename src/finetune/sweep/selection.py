@@ -1,10 +1,9 @@
-"""What a finished sweep knows about each trial, the ranking by the gate, and the median-stopping rule."""
+"""What a finished sweep knows about each trial, and the ranking by the gate."""
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +21,11 @@ class TrialOutcome:
     trial: Trial
     state: str
     flow_run_id: str | None = None
-    worker: str | None = None
     wall_seconds: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # the candidate's, from the trial's manifest
     primary_metric: str | None = None
     decision: dict[str, Any] | None = None  # the gate's verdict vs base and champion, from the trial's evaluation
     tokens_per_sec: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def score(self) -> float | None:
@@ -68,30 +65,4 @@ def winner(outcomes: Sequence[TrialOutcome]) -> TrialOutcome | None:
     return next((o for o in rank(outcomes) if o.decision and o.decision.get("promote")), None)
 
 
-def val_losses(history: Sequence[Mapping[str, Any]]) -> dict[int, float]:
-    return {int(h["step"]): float(h["val_loss"]) for h in history if h.get("val_loss") is not None}
-
-
-def should_stop(
-    curve: Mapping[int, float], finished: Sequence[Mapping[int, float]], *, min_finished: int, after_step: int
-) -> tuple[bool, str]:
-    """Median stopping: stop when, at the trial's latest evaluated step k ≥ after_step, its validation loss
-    is worse than the median of the finished trials' losses at k (only once ``min_finished`` of them have k)."""
-    if not curve:
-        return False, "no validation loss yet"
-    step = max(curve)
-    if step < after_step:
-        return False, f"step {step} is before after_step {after_step}"
-    peers = [c[step] for c in finished if step in c]
-    if len(peers) < min_finished:
-        return False, f"{len(peers)} finished trials have a validation loss at step {step}, fewer than {min_finished}"
-    median = statistics.median(peers)
-    if curve[step] > median:
-        return (
-            True,
-            f"validation loss {curve[step]:.4f} at step {step} is worse than the median {median:.4f} of {len(peers)} finished trials",
-        )
-    return False, f"validation loss {curve[step]:.4f} at step {step} is not worse than the median {median:.4f}"
-
-
-__all__ = ["TrialOutcome", "higher_is_better", "primary_metric_of", "rank", "should_stop", "val_losses", "winner"]
+__all__ = ["TrialOutcome", "higher_is_better", "primary_metric_of", "rank", "winner"]

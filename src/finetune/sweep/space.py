@@ -91,13 +91,6 @@ class Choice(_Spec):
 Distribution = Annotated[Uniform | LogUniform | IntUniform | Choice, Field(discriminator="distribution")]
 
 
-class MedianStopping(_Spec):
-    """Cancel a trial whose validation loss at a step is worse than the median of finished trials at that step."""
-
-    min_finished: int = Field(2, gt=0, description="Finished trials needed before any trial is stopped.")
-    after_step: int = Field(1, gt=0, description="Never stop a trial before this step.")
-
-
 class SweepSpec(_Spec):
     name: str | None = Field(
         None,
@@ -113,7 +106,6 @@ class SweepSpec(_Spec):
     publish_all: bool = Field(
         False, description="Also publish the losing trials' bundles (never as champion candidates)."
     )
-    early_stopping: MedianStopping | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
