@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 from prefect_server import PrefectServer, drain_prefect_workers
 from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
+from worker_env import clean_worker_python, deploying_clone, git
 
 from finetune.config import StorageConfig
 from finetune.layout import TRAIN_EVENTS_FILE, TRAIN_RESULT_FILE
@@ -201,11 +201,26 @@ def endpoint(moto_server) -> Iterator[str]:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def workers(api: PrefectServer, endpoint: str, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """provision + `prefect deploy --all`, then two process workers on the pool, each from its own clone."""
+    """provision, `prefect deploy --all` from a clone with a git origin, then two clean process workers on the pool.
+
+    Two workers on one host stand for two Macs. A Mac's training slot is per host name, which both
+    share here, so the deploying clone turns the slot off (an empty FINETUNE_TRAINING_SLOT) and
+    each worker's --limit 1 is what keeps one trial per "Mac".
+    """
     started = time.monotonic()
-    for cmd in ([sys.executable, "-m", "deployments.provision"], [PREFECT, "deploy", "--all"]):
-        done = subprocess.run(cmd, env=api.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    clone, _ = deploying_clone(tmp_path_factory.mktemp("git"))
+    spec = clone / "prefect.yaml"
+    spec.write_text(
+        spec.read_text().replace('FINETUNE_TRAINING_SLOT: "mlx-training-{host}"', 'FINETUNE_TRAINING_SLOT: ""')
+    )
+    git(clone, "commit", "-q", "-am", "one host stands for two Macs: no per-host training slot")
+    git(clone, "push", "-q", "origin", "main")
+    for cmd, cwd in (([sys.executable, "-m", "deployments.provision"], REPO), ([PREFECT, "deploy", "--all"], clone)):
+        done = subprocess.run(cmd, env=api.env(), cwd=cwd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with client() as c:
+        trial = c.read_deployment_by_name("finetune-pipeline/sweep-trial")
+    assert trial.job_variables["env"]["FINETUNE_TRAINING_SLOT"] == ""
     TIMINGS["provision + prefect deploy --all"] = time.monotonic() - started
     extra = {"PREFECT_WORKER_QUERY_SECONDS": "1", **CREDENTIALS}
     if openblas := openblas_library():
@@ -213,14 +228,17 @@ def workers(api: PrefectServer, endpoint: str, tmp_path_factory) -> Iterator[dic
     procs: dict[str, subprocess.Popen] = {}
     logs_: dict[str, Path] = {}
     for name in ("mac-a", "mac-b"):
-        clone = tmp_path_factory.mktemp(name) / "finetune"
-        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
-        shutil.copy(REPO / "prefect.yaml", clone / "prefect.yaml")
-        logs_[name] = clone.parent / "worker.log"
+        root = tmp_path_factory.mktemp(name)
+        python = clean_worker_python(root)
+        (root / "home").mkdir()
+        env = {k: v for k, v in api.env(HOME=str(root / "home"), **extra).items() if k != "PYTHONPATH"}
+        logs_[name] = root / "worker.log"
         with open(logs_[name], "wb") as out:
             procs[name] = subprocess.Popen(
                 [
-                    PREFECT,
+                    python,
+                    "-m",
+                    "prefect",
                     "worker",
                     "start",
                     "--pool",
@@ -234,8 +252,8 @@ def workers(api: PrefectServer, endpoint: str, tmp_path_factory) -> Iterator[dic
                     "--work-queue",
                     "default",
                 ],
-                env=api.env(FINETUNE_REPO=str(clone), **extra),
-                cwd=clone,
+                env=env,
+                cwd=root / "home",
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
