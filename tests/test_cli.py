@@ -26,6 +26,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         ["evaluate"],
         ["generate"],
         ["tiny-model"],
+        ["sweep"],
         ["data", "check"],
         ["runs", "list"],
         ["runs", "show"],

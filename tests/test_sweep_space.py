@@ -180,3 +180,24 @@ def test_table_rows_and_plot() -> None:
     assert rows[2]["state"] == "Crashed" and rows[2]["val_loss"] is None and not rows[0]["winner"]
     png = metric_plot_png(outcomes, ["training.learning_rate", "lora.rank"], "val_loss")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_cli_lists_the_trials_and_names_bad_fields(tmp_path, capsys, monkeypatch) -> None:
+    from test_cli import run_cli
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("training: {iters: 5}\nsweep:\n  name: cli\n  grid: {lora.rank: [4, 8]}\n")
+    code, out, _ = run_cli(capsys, "sweep", "-c", str(path), "--dry-run", "--set", "training.iters=7")
+    s = load_sweep(path, overrides={"training": {"iters": 7}})
+    assert code == 0 and "sweep cli: 2 trials" in out
+    assert all(f"{t.run_id}  {t.label()}" in out for t in s.trials)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code, _, err = run_cli(capsys, "sweep", "-c", str(path))
+    assert code == 2 and "set PREFECT_API_URL to your Prefect server" in err
+    path.write_text("sweep:\n  grid: {lora.rnak: [4]}\n")
+    code, _, err = run_cli(capsys, "sweep", "-c", str(path), "--dry-run")
+    assert (
+        code == 2
+        and f"sweep file {path}: sweep.grid 'lora.rnak': unknown config field (did you mean lora.rank?)"
+        in " ".join(err.split())
+    )
