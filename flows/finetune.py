@@ -2,7 +2,7 @@
 
 Parameters mirror the configuration sections, so the Prefect UI shows a typed
 form. Secrets are not parameters: workers read them from their environment
-(FINETUNE_STORAGE__*, or the standard AWS chain).
+(FINETUNE_STORAGE__*, or the standard AWS chain) or the Secret block storage.credentials_block names.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from finetune.config import (
     ExportConfig,
     LoraConfig,
     ModelConfig,
-    StorageConfig,
+    StorageOptions,
     TemplateConfig,
     TrainingConfig,
 )
@@ -35,12 +35,14 @@ from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
 from tasks.evaluate import evaluate_adapter, link_bundle, write_reports
 from tasks.export import export_formats
-from tasks.prepare import check_storage, resolve_model
+from tasks.logs import log_cancels_as_cancels
+from tasks.prepare import check_storage, resolve_model, with_block_credentials
 from tasks.publish import (
     champion_bundle,
     find_published_run,
     promote_candidate,
     publish_bundle,
+    report_of_manifest,
     trial_storage,
 )
 from tasks.schedule import (
@@ -60,38 +62,50 @@ def default_run_id() -> str:
 
 @flow(name="finetune-pipeline", log_prints=True)
 def finetune_pipeline(
-    dataset: DatasetConfig = DatasetConfig(),
-    template: TemplateConfig = TemplateConfig(),
-    model: ModelConfig = ModelConfig(),
-    lora: LoraConfig = LoraConfig(),
-    training: TrainingConfig = TrainingConfig(),
-    evaluation: EvaluationConfig = EvaluationConfig(),
-    storage: StorageConfig = StorageConfig(),
-    export: ExportConfig = ExportConfig(),
-    work_dir: str = ".finetune",
     run_id: str | None = None,
-    fresh: bool = False,
     force: bool = False,
+    dataset: DatasetConfig = DatasetConfig(),
+    model: ModelConfig = ModelConfig(),
+    training: TrainingConfig = TrainingConfig(),
+    lora: LoraConfig = LoraConfig(),
+    template: TemplateConfig = TemplateConfig(),
+    evaluation: EvaluationConfig = EvaluationConfig(),
+    export: ExportConfig = ExportConfig(),
+    storage: StorageOptions = StorageOptions(),
+    work_dir: str = ".finetune",
+    fresh: bool = False,
+    skip_if_unchanged: bool = False,
     sweep_id: str | None = None,
 ) -> dict[str, Any] | State:
     """Train, evaluate and publish one LoRA adapter; re-running with the same run_id resumes it.
 
-    Skipped (state Skipped) when dataset version, base model and configuration equal the
-    last published run's, unless ``force``. As a trial of sweep ``sweep_id`` the bundle goes
+    With ``skip_if_unchanged`` (the nightly deployment's schedule and trigger), Skipped when
+    dataset version, base model and configuration equal the last published run's, unless
+    ``force``; a run asked for on demand trains. As a trial of sweep ``sweep_id`` the bundle goes
     to the sweep's staging area of the store and is never promoted: the sweep promotes its winner.
+
+    Args:
+        run_id: Name of this run; re-running a run id resumes it. Empty: derived from the flow run.
+        force: Train even when data, base model and configuration equal the last published run's.
+        dataset: The data: source (path, s3://, https://, hf:, builtin:capitals), format, row shape.
+        model: The base model: a Hugging Face id or local MLX directory (builtin:tiny-llama: the demo).
+        training: Iterations, learning rate, batch size, schedule, checkpoints.
+        lora: Adapter rank, scale, dropout and which layers.
+        template: Chat template, system prompt, sequence length.
+        evaluation: Metrics, the primary metric and the promotion gate.
+        export: Optional exports of the bundle (fused, gguf, peft), each verified.
+        storage: Where bundles go (storage.uri); credentials are never parameters: the worker's
+            environment, or the Secret block named in storage.credentials_block.
+        work_dir: Run directories and caches on the worker (relative to ~/finetune-worker there).
+        fresh: Discard this run id's checkpoints and start over.
+        skip_if_unchanged: Stop after fetching the data when nothing changed (the nightly deployment).
+        sweep_id: Set by a sweep for its trials.
     """
     enter_worker_dir()
-    settings = settings_from_sections(
-        work_dir,
-        dataset=dataset,
-        template=template,
-        model=model,
-        lora=lora,
-        training=training,
-        evaluation=evaluation,
-        storage=storage,
-        export=export,
-    )
+    log_cancels_as_cancels()
+    sections = dict(dataset=dataset, template=template, model=model, lora=lora, training=training)
+    sections.update(evaluation=evaluation, storage=storage, export=export)
+    settings = with_block_credentials(settings_from_sections(work_dir, **sections))
     run_id = run_id or default_run_id()
     run_dir = str(layout.run_dir(work_dir, run_id))
     get_run_logger().info("run %s in %s", run_id, run_dir)
@@ -100,11 +114,18 @@ def finetune_pipeline(
     store_uri = check_storage(settings.storage)
     publish_to = trial_storage(settings.storage, sweep_id) if sweep_id else settings.storage
     if done := find_published_run(publish_to, run_id):
-        return already_published(done, run_dir, store_uri)
+        # Published by an earlier attempt that may have failed before (or while) promoting: decide now.
+        if sweep_id:
+            promotion = {"promoted": False, "reason": f"trial of sweep {sweep_id}: the sweep promotes its winner"}
+        else:
+            report = report_of_manifest(done)
+            promotion = promote_candidate(settings.storage, run_id, report, settings.evaluation.promotion_margin)
+        return already_published(done, run_dir, store_uri, promotion)
     model_path = resolve_model(settings.model.path, settings.model.revision, work_dir, settings.model.dtype)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
-    if not force and (previous := check_unchanged(settings, fetched["version"])):
+    # Scheduled and triggered runs (retrain-nightly sets it) skip; a run someone asked for trains.
+    if skip_if_unchanged and not force and (previous := check_unchanged(settings, fetched["version"])):
         return nothing_changed(previous, store_uri)
     tokens = template_dataset(
         fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir
@@ -154,7 +175,7 @@ def finetune_pipeline(
         promotion = promote_candidate(
             settings.storage, run_id, report, settings.evaluation.promotion_margin, champion and champion["run_id"]
         )
-    link_bundle(published["uri"], run_id, promotion["promoted"])
+    link_bundle(publish_to, published["uri"], run_id, promotion["promoted"])
 
     return {
         "run_id": run_id,

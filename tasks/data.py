@@ -26,6 +26,7 @@ from finetune.data.report import build_report, report_markdown, write_report
 from finetune.errors import FetchError
 from finetune.layout import BUILD_ID_FILE, TOKENIZED_FILE
 from finetune.pipeline import stages
+from tasks.artifacts import artifact_key
 
 __all__ = ["TOKENIZED_FILE", "fetch_dataset", "report_dataset", "template_dataset"]
 REPORT_KEY = "data-report"
@@ -139,7 +140,7 @@ def report_dataset(dataset_dir: str, tokenized_path: str, run_dir: str, batch_si
     md, js = write_report(report, run_dir)
     create_markdown_artifact(
         markdown=report_markdown(report),
-        key=REPORT_KEY,
+        key=artifact_key(REPORT_KEY),
         description=f"run {Path(run_dir).name}: data version {report['dataset_version'][:16]}",
     )
     return {"markdown": str(md), "json": str(js)}

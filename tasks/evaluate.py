@@ -15,29 +15,31 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from finetune.config import Settings
+from finetune.config import Settings, StorageConfig
 from finetune.evaluation.evaluate import EvalReport
 from finetune.evaluation.report import comparison_rows, samples_markdown, write_loss_plot, write_model_card
 from finetune.layout import MODEL_CARD_FILE, PLOT_FILE
 from finetune.pipeline.stages import evaluate_run
+from tasks.artifacts import artifact_key, bundle_link, image_markdown, table
 
 # Stable keys: the Artifacts page then shows each key's history across runs.
 METRICS_KEY = "evaluation-metrics"
 SAMPLES_KEY = "evaluation-samples"
 BUNDLE_KEY = "published-bundle"
+PLOT_KEY = "loss-curve"
 
 
 def publish_eval_artifacts(report: EvalReport, run_id: str, samples: int = 5) -> None:
     """Table artifact (metrics side by side) and markdown artifact (decision and example generations)."""
     verdict = "promoted" if report.decision.promote else "not promoted"
     create_table_artifact(
-        table=comparison_rows(report),
-        key=METRICS_KEY,
+        table=table(comparison_rows(report)),
+        key=artifact_key(METRICS_KEY),
         description=f"run {run_id}: {verdict}: {report.decision.reason} (* primary metric)",
     )
     create_markdown_artifact(
         markdown=f"Run `{run_id}`\n\n" + samples_markdown(report, samples),
-        key=SAMPLES_KEY,
+        key=artifact_key(SAMPLES_KEY),
         description=f"run {run_id}: example generations next to their references",
     )
 
@@ -83,6 +85,11 @@ def write_reports(
     has_losses = any(h.get("train_loss") is not None or h.get("val_loss") is not None for h in history)
     if has_losses:
         paths.append(write_loss_plot(history, out / PLOT_FILE))
+        create_markdown_artifact(
+            markdown=image_markdown(paths[-1], f"Loss curve of run {run_id}"),
+            key=artifact_key(PLOT_KEY),
+            description=f"run {run_id}: training and validation loss per step",
+        )
     else:
         get_run_logger().warning("no loss history to plot; the model card has no loss curve")
     paths.append(
@@ -101,11 +108,18 @@ def write_reports(
 
 
 @task(name="link-bundle", cache_policy=NO_CACHE)
-def link_bundle(uri: str, run_id: str, promoted: bool) -> None:
-    """Link artifact to the published bundle."""
-    create_link_artifact(
-        link=uri,
-        link_text=f"bundle of run {run_id}",
-        key=BUNDLE_KEY,
-        description=f"run {run_id}: {'promoted to champion' if promoted else 'published, not promoted'}",
-    )
+def link_bundle(storage: StorageConfig, uri: str, run_id: str, promoted: bool) -> None:
+    """The published bundle: a link a browser opens (S3: presigned), or its local path as text."""
+    url, markdown = bundle_link(storage, uri)
+    verdict = "promoted to champion" if promoted else "published, not promoted"
+    if url is None:
+        create_markdown_artifact(
+            markdown=markdown, key=artifact_key(BUNDLE_KEY), description=f"run {run_id}: {verdict}"
+        )
+    else:
+        create_link_artifact(
+            link=url,
+            link_text=f"bundle of run {run_id}",
+            key=artifact_key(BUNDLE_KEY),
+            description=f"run {run_id}: {verdict}: {uri}",
+        )

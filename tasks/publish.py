@@ -41,14 +41,26 @@ def publish_bundle(
 
 @task(name="find-published-run", cache_policy=NO_CACHE, result_serializer="json")
 def find_published_run(storage: StorageConfig, run_id: str) -> dict[str, Any] | None:
-    """The manifest of ``run_id`` if it is already published (a re-run then has nothing to do)."""
+    """The manifest of ``run_id`` if it is already published (a re-run then only decides promotion)."""
     store = open_store(storage)
     manifest = read_manifest(store, run_id)
     if manifest is None:
         return None
     uri = store.uri_for(run_key(run_id)).rstrip("/")
-    get_run_logger().info("run %s is already published at %s; nothing to do", run_id, uri)
+    get_run_logger().info("run %s is already published at %s; not training it again", run_id, uri)
     return {**manifest, "uri": uri}
+
+
+def report_of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parts of the evaluation report a promotion decision needs, as the run's manifest recorded them."""
+    evaluation = manifest.get("evaluation") or {}
+    return {
+        "decision": manifest.get("decision") or {"promote": False, "reason": "the manifest records no decision"},
+        "primary_metric": evaluation.get("metric"),
+        "higher_is_better": evaluation.get("higher_is_better"),
+        # The champion it was measured against may have changed since: compare with the pointer's score.
+        "metrics": {"candidate": (manifest.get("metrics") or {}).get("candidate", {})},
+    }
 
 
 @task(name="champion-bundle", cache_policy=NO_CACHE, result_serializer="json")

@@ -20,6 +20,7 @@ from prefect.states import State
 from finetune.config import Settings
 from finetune.errors import TrainingError
 from finetune.train.child import run_training_child
+from tasks.artifacts import artifact_key, table
 
 PROGRESS_KEY = "training-progress"
 HISTORY_KEY = "training-history"
@@ -57,7 +58,7 @@ def train_adapter(
     if attempt > 1:
         logger.info("attempt %d: resuming from the last valid checkpoint in %s", attempt, run_dir)
     run_id = Path(run_dir).name
-    artifact = create_progress_artifact(0.0, key=PROGRESS_KEY, description=f"training run {run_id}")
+    artifact = create_progress_artifact(0.0, key=artifact_key(PROGRESS_KEY), description=f"training run {run_id}")
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "train":
@@ -74,8 +75,8 @@ def train_adapter(
     )
     update_progress_artifact(artifact, 100.0)
     create_table_artifact(
-        table=result.history,
-        key=HISTORY_KEY,
+        table=table(result.history),
+        key=artifact_key(HISTORY_KEY),
         description=f"training run {run_id}: loss, learning rate and throughput per reported step",
     )
     return result.to_json()

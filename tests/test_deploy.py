@@ -311,3 +311,61 @@ def test_every_deployment_run_names_this_machines_training_slot() -> None:
 def test_heartbeat_setting_is_in_prefect_yaml() -> None:
     for spec in load_project().deployments:
         assert spec["work_pool"]["job_variables"]["env"][HEARTBEAT_ENV] == str(load_project().heartbeat_seconds)
+
+
+def test_artifact_tables_have_four_significant_digits_and_no_blank_cells() -> None:
+    from tasks.artifacts import MISSING, table
+
+    history = [
+        {"step": 5, "train_loss": 6.123456789, "learning_rate": 0.0019999999, "tokens_per_second": 12345.678},
+        {"step": 10, "train_loss": 5.5, "val_loss": 5.6000001, "learning_rate": 2e-4},
+    ]
+    rows = table(history)
+    assert rows[0] == {
+        "step": 5,
+        "train_loss": 6.123,
+        "learning_rate": 0.002,
+        "tokens_per_second": 12350.0,
+        "val_loss": MISSING,
+    }
+    assert rows[1]["val_loss"] == 5.6 and rows[1]["tokens_per_second"] == MISSING
+    assert [list(r) for r in rows] == [list(rows[0])] * 2
+
+
+def test_bundle_links_open_in_a_browser_and_carry_no_credential(tmp_path) -> None:
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+
+    from finetune.config import StorageConfig
+    from finetune.store import open_store
+    from tasks.artifacts import bundle_link
+
+    aws = StorageConfig(uri="s3://team-bucket/ft", access_key_id="AKIALINKMARKER", secret_access_key="s-marker")
+    url, markdown = bundle_link(aws, "s3://team-bucket/ft/runs/r1")
+    assert url == "https://s3.console.aws.amazon.com/s3/buckets/team-bucket?prefix=ft/runs/r1/"
+    url, markdown = bundle_link(StorageConfig(uri=str(tmp_path)), f"{tmp_path}/runs/r1")
+    assert url is None and f"`{tmp_path}/runs/r1`" in markdown
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        cfg = StorageConfig(
+            uri="s3://link-test-bucket/ft",
+            endpoint_url=f"http://{host}:{port}",
+            region="us-east-1",
+            access_key_id="AKIALINKMARKER",
+            secret_access_key="s-marker",
+            addressing_style="path",
+        )
+        store = open_store(cfg)
+        store.client.create_bucket(Bucket="link-test-bucket")
+        store.client.put_object(  # a bucket the team may read from its browsers
+            Bucket="link-test-bucket", Key="ft/runs/r1/manifest.json", Body=b'{"run_id": "r1"}', ACL="public-read"
+        )
+        url, markdown = bundle_link(cfg, "s3://link-test-bucket/ft/runs/r1")
+        with urllib.request.urlopen(url, timeout=10) as response:  # no credentials needed: none in the URL
+            assert response.read() == b'{"run_id": "r1"}'
+        assert f"]({url})" in markdown and "MARKER" not in url + markdown and "marker" not in url + markdown
+    finally:
+        server.stop()

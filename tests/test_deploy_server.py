@@ -26,6 +26,7 @@ from uuid import UUID, uuid4
 import boto3
 import pytest
 from prefect import flow
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -65,6 +66,12 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "deploy-test-secret-marker",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+# The first run takes its credentials from a Prefect Secret block (storage.credentials_block).
+BLOCK = "finetune-e2e-s3"
+BLOCK_CREDENTIALS = {"access_key_id": "AKIABLOCKTESTMARKER", "secret_access_key": "block-test-secret-marker"}
+# What a user might type into a parameter: refused, and stored nowhere.
+PARAMETER_MARKER = "param-test-secret-marker"
+MARKERS = [*CREDENTIALS.values()][:2] + [*BLOCK_CREDENTIALS.values(), PARAMETER_MARKER]
 TIMINGS: dict[str, float] = {}
 T = TypeVar("T")
 
@@ -152,9 +159,9 @@ def run_logs(run_id: UUID) -> list[str]:
         return [entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
 
 
-def logged(run_id: UUID, predicate: Callable[[str], bool], what: str) -> str:
+def logged(run_id: UUID, predicate: Callable[[str], bool], what: str, timeout: float = 30) -> str:
     """The first log line of the run that matches; logs and task runs reach the API in batches, after the state."""
-    return wait_for(lambda: next(filter(predicate, run_logs(run_id)), None), 30, what)
+    return wait_for(lambda: next(filter(predicate, run_logs(run_id)), None), timeout, what)
 
 
 def seconds(start: datetime | None, end: datetime | None) -> float:
@@ -281,6 +288,8 @@ def first_run(worker, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_
     """`prefect deployment run 'finetune-pipeline/finetune' --param … --watch`, as a user types it."""
     work = tmp_path_factory.mktemp("work")
     params = parameters(work, "e2e-first", s3_endpoint)
+    Secret(value=BLOCK_CREDENTIALS).save(BLOCK, overwrite=True)
+    params["storage"]["credentials_block"] = BLOCK
     started = time.monotonic()
     run = run_cli(
         prefect_server, "deployment", "run", "finetune-pipeline/finetune", *param_args(params), "--watch", timeout=900
@@ -394,11 +403,19 @@ def test_deployment_run_publishes_a_verified_bundle(first_run, worker, api, s3_e
     # The training child's progress reaches the run's log (what the UI shows), not just the worker's stdout.
     logged(first_run["id"], lambda line: line.startswith("training 10 steps"), "the training start in the run's log")
     logged(first_run["id"], lambda line: line.startswith("step 10: validation loss"), "validation progress in the log")
-    by_key = {a.key: a for a in artifacts}
+    # Keys carry the deployment's name: on-demand and nightly runs keep separate histories.
+    by_key = {a.key.removeprefix("finetune-"): a for a in artifacts if a.key.startswith("finetune-")}
     assert by_key["evaluation-metrics"].type == "table"
     assert by_key["training-progress"].type == "progress" and float(by_key["training-progress"].data) == 100.0
-    assert f"s3://{BUCKET}/{PREFIX}/runs/e2e-first" in str(by_key["published-bundle"].data)
-    assert by_key["training-history"].type == "table"
+    bundle = by_key["published-bundle"]
+    assert f"s3://{BUCKET}/{PREFIX}/runs/e2e-first" in bundle.description
+    assert f"{s3_endpoint}/{BUCKET}/{PREFIX}/runs/e2e-first/manifest.json" in bundle.data
+    history = json.loads(by_key["training-history"].data)
+    assert history and all(cell != "" and cell is not None for row in history for cell in row.values())
+    assert all(len(repr(v)) <= 12 for row in history for v in row.values() if isinstance(v, float))
+    plot = by_key["loss-curve"]
+    assert plot.type == "markdown" and "(data:image/png;base64," in plot.data
+    assert {"data-report", "evaluation-samples"} <= set(by_key)
 
 
 def test_flow_run_sends_heartbeats(first_run, api) -> None:
@@ -453,7 +470,7 @@ def test_cancelling_a_run_kills_its_training_process(worker, deployed, api, s3_e
     with concurrency(slot, occupy=1, strict=True):
         with client() as c:
             run = c.create_flow_run_from_deployment(deployed["finetune"], parameters=params)
-        logged(run.id, lambda line: line == f"waiting for training slot {slot}", "the run to wait for the slot")
+        logged(run.id, lambda line: line == f"waiting for training slot {slot}", "the run to wait for the slot", 300)
         time.sleep(5)
         assert training_processes(request_file) == [] and read_run(run.id).state.type == StateType.RUNNING
     pids = wait_for(lambda: training_processes(request_file), 120, "the training child to start once the slot is free")
@@ -466,6 +483,24 @@ def test_cancelling_a_run_kills_its_training_process(worker, deployed, api, s3_e
     wait_for(lambda: not any(alive(pid) for pid in pids), 30, f"training processes {pids} to exit")
     TIMINGS["cancel until training process gone"] = time.monotonic() - cancelled_at
     assert training_processes(request_file) == []
+    # Logged as what it is: a cancel, not "Crash detected!".
+    logged(run.id, lambda line: line.startswith("Cancelled: "), "the cancel in the run's log")
+    print("\ncancelled run's last log lines:\n  " + "\n  ".join(run_logs(run.id)[-6:]))
+    assert not [line for line in run_logs(run.id) if "Crash detected" in line]
+
+
+def test_on_demand_run_trains_even_if_nothing_changed(first_run, deployed, api) -> None:
+    """The first run's exact configuration on the on-demand deployment: it goes on to train (it waits for
+    the training slot, held here, which comes after the skip check); cancelled while it waits."""
+    params = {**first_run["params"], "run_id": "e2e-on-demand"}
+    with concurrency(training_slot_name(MACHINE_SLOT), occupy=1, strict=True):
+        with client() as c:
+            run = c.create_flow_run_from_deployment(deployed["finetune"], parameters=params)
+        logged(run.id, lambda line: line.startswith("waiting for training slot"), "the run to go on to training", 300)
+        cancel = run_cli(api, "flow-run", "cancel", str(run.id))
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        done = wait_final(run.id, 120)
+    assert done.state.type == StateType.CANCELLED, done.state
 
 
 def test_training_slot_is_this_machines_limit_created_on_first_use(deployed, api, monkeypatch) -> None:
@@ -490,3 +525,45 @@ def test_training_slot_is_this_machines_limit_created_on_first_use(deployed, api
     with client() as c:
         assert c.read_global_concurrency_limit_by_name(name).limit == 1
         c.delete_global_concurrency_limit_by_name(name)
+
+
+def test_credentials_are_not_flow_parameters(deployed, api, s3_endpoint) -> None:
+    """No form field, and the server refuses a run whose parameters carry one (CLI and API alike)."""
+    with client() as c:
+        schema = c.read_deployment(deployed["finetune"]).parameter_openapi_schema
+    storage_fields = set(schema["definitions"]["StorageOptions"]["properties"])
+    assert "credentials_block" in storage_fields and not {"access_key_id", "secret_access_key"} & storage_fields
+    for field in ("access_key_id", "secret_access_key", "session_token"):
+        typed = {**storage(s3_endpoint), field: PARAMETER_MARKER}
+        refused = run_cli(api, "deployment", "run", "finetune-pipeline/finetune", *param_args({"storage": typed}))
+        assert refused.returncode != 0 and "Additional properties are not allowed" in refused.stdout + refused.stderr, (
+            refused.stdout[-2000:]
+        )
+        with client() as c, pytest.raises(Exception, match="422|Validation"):
+            c.create_flow_run_from_deployment(deployed["finetune"], parameters={"storage": typed})
+
+
+def test_no_credential_reaches_the_server_or_the_store(first_run, api: PrefectServer, s3_endpoint) -> None:
+    """Worker-environment, Secret-block and typed-in markers: none in the database, parameters, logs,
+    artifacts or published objects (the block's value is stored encrypted)."""
+    drain_prefect_workers()
+    found: list[str] = []
+    for path in api.home.rglob("*"):
+        if path.is_file() and path.suffix != ".log":  # server.log is this test's own process output
+            data = path.read_bytes()
+            found += [f"{path.name}: {m}" for m in MARKERS if m.encode() in data]
+    with client() as c:
+        runs = c.read_flow_runs()
+        artifacts = c.read_artifacts()
+    texts = {
+        "parameters": json.dumps([r.parameters for r in runs]),
+        "logs": "\n".join(run_logs(first_run["id"])),
+        "artifacts": json.dumps([(a.key, a.data, a.description) for a in artifacts], default=str),
+    }
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for entry in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        texts[entry["Key"]] = s3.get_object(Bucket=BUCKET, Key=entry["Key"])["Body"].read().decode(errors="replace")
+    found += [f"{where}: {m}" for where, text in texts.items() for m in MARKERS if m in text]
+    assert len(texts) > 5 and len(texts["logs"]) > 1000 and found == []
+    assert json.loads(texts["parameters"])  # the runs' parameters were read, the block's name among them
+    assert BLOCK in texts["parameters"]

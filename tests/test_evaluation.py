@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shutil
@@ -265,9 +266,12 @@ def test_evaluate_stage_publishes_artifacts(
     from prefect.artifacts import Artifact
     from prefect.context import get_run_context
 
+    from finetune.config import StorageConfig
+    from tasks.artifacts import MISSING, artifact_key
     from tasks.evaluate import (
         BUNDLE_KEY,
         METRICS_KEY,
+        PLOT_KEY,
         SAMPLES_KEY,
         evaluate_adapter,
         link_bundle,
@@ -297,14 +301,17 @@ def test_evaluate_stage_publishes_artifacts(
             hyperparameters={"lora": LORA},
             run_id="run-7",
         )
-        link_bundle("s3://bucket/runs/run-7", "run-7", report["decision"]["promote"])
+        store = tmp_path / "store"
+        link_bundle(StorageConfig(uri=str(store)), f"{store}/runs/run-7", "run-7", report["decision"]["promote"])
         return report, paths, str(get_run_context().flow_run.id)
 
     report, paths, flow_run_id = evaluate_stage()
     assert report["decision"]["promote"]
     assert sorted(Path(p).name for p in paths) == ["README.md", "loss_curve.png"]
 
-    table = Artifact.get(METRICS_KEY)
+    # Outside a deployment the keys say so; a deployment's name prefixes its own.
+    assert artifact_key(METRICS_KEY) == "local-evaluation-metrics"
+    table = Artifact.get(artifact_key(METRICS_KEY))
     assert table.type == "table" and str(table.flow_run_id) == flow_run_id
     assert "run-7" in table.description and "promoted" in table.description
     rows = {row["metric"]: row for row in json.loads(table.data)}
@@ -312,12 +319,17 @@ def test_evaluate_stage_publishes_artifacts(
     for name in ("base", "champion", "candidate"):
         assert loss_row[name] == f"{report['metrics'][name]['val_loss']:.4f}"
 
-    samples = Artifact.get(SAMPLES_KEY)
+    samples = Artifact.get(artifact_key(SAMPLES_KEY))
     assert samples.type == "markdown" and str(samples.flow_run_id) == flow_run_id
     assert report["decision"]["reason"] in samples.data
     for question, reference in list(zip(report["questions"], report["references"]))[:5]:
         assert f"**Question:** {question}" in samples.data and f"**Reference:** {reference}" in samples.data
 
-    link = Artifact.get(BUNDLE_KEY)
-    assert link.type == "markdown"  # Prefect stores link artifacts as a markdown link
-    assert "(s3://bucket/runs/run-7)" in link.data and "promoted to champion" in link.description
+    assert all(MISSING not in row.values() or row["metric"] for row in rows.values())
+    link = Artifact.get(artifact_key(BUNDLE_KEY))
+    # A local store is no URL a browser opens: its path as text, not a broken link.
+    assert link.type == "markdown" and f"`{tmp_path}/store/runs/run-7`" in link.data and "](" not in link.data
+    assert "promoted to champion" in link.description
+    plot = Artifact.get(artifact_key(PLOT_KEY))
+    png = (tmp_path / "loss_curve.png").read_bytes()
+    assert plot.type == "markdown" and f"(data:image/png;base64,{base64.b64encode(png).decode()})" in plot.data

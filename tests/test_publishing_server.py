@@ -109,6 +109,36 @@ def test_reset_after_commit_on_manifest_and_pointer(proxy, plan, bucket, tmp_pat
     assert versions(client, name, CHAMPION_KEY) == 1
 
 
+@pytest.mark.parametrize("first_champion", [False, True])
+def test_reset_after_commit_on_every_attempt_of_manifest_and_pointer(proxy, plan, bucket, tmp_path, first_champion):
+    """Every PUT commits and every response is lost: botocore gives up with a connection error (not a 412),
+    and the re-read finds our manifest and our pointer, so publishing and promotion succeed."""
+    name, client = bucket
+    store = open_store(make_cfg(proxy, name))
+    if not first_champion:  # an If-Match swap of an existing champion, not the first If-None-Match write
+        publish_run(store, "old", make_bundle(tmp_path / "old", weights=b"old"), FIELDS)
+        assert promote_if_better(store, "old", 2.0, metric="val_loss", higher_is_better=False).promoted
+    plan.add(on("PutObject", "manifest.json"), "lost", times=None)
+    plan.add(on("PutObject", CHAMPION_KEY), "lost", times=None)
+    published = publish_run(store, "r", make_bundle(tmp_path / "b"), FIELDS)
+    decision = promote_if_better(store, "r", 1.0, metric="val_loss", higher_is_better=False)
+    assert decision.promoted and read_champion(store)["run_id"] == "r"
+    assert read_manifest(store, "r")["attempt_id"] == published.attempt_id
+    assert plan.attempts("PutObject", "runs/r/manifest.json") == MAX_ATTEMPTS  # botocore gave up on all of them
+    assert plan.attempts("PutObject", CHAMPION_KEY) == MAX_ATTEMPTS + (not first_champion)
+    assert versions(client, name, manifest_key("r")) == 1
+    assert versions(client, name, CHAMPION_KEY) == (1 if first_champion else 2)
+
+
+def test_an_error_with_nothing_written_still_fails(proxy, plan, bucket, tmp_path):
+    name, _ = bucket
+    plan.add(on("PutObject", "manifest.json"), "reset", times=None)  # reset before forwarding: never committed
+    store = open_store(make_cfg(proxy, name))
+    with pytest.raises(StorageError):
+        publish_run(store, "r", make_bundle(tmp_path / "b"), FIELDS)
+    assert read_manifest(store, "r") is None
+
+
 def test_response_slower_than_read_timeout(proxy, plan, bucket, tmp_path):
     """The first manifest PUT reaches the server after the client gave up on it; still one manifest."""
     name, client = bucket

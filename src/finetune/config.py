@@ -135,9 +135,9 @@ class LoraConfig(Section):
 
 class TrainingConfig(Section):
     iters: int = Field(200, gt=0, description="Optimizer steps (ignored when epochs is set).")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (after warmup).")
     epochs: float | None = Field(None, gt=0, description="Train for this many passes over the data instead of iters.")
     batch_size: int = Field(8, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decays to learning_rate * min_lr_ratio.")
@@ -271,13 +271,18 @@ class EvaluationConfig(Section):
         return value
 
 
-class StorageConfig(Section):
+class StorageOptions(Section):
+    """Where and how to store, without credentials: safe to show, log and pass as a flow parameter."""
+
     uri: str = Field("finetune-store", description="Local directory, file://… or s3://bucket/prefix.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, moto).")
     region: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block whose value is {access_key_id, secret_access_key, "
+        "session_token} (Prefect runs only). Unset: the worker's environment (FINETUNE_STORAGE__*, AWS_*).",
+        json_schema_extra=OPERATIONAL,
+    )
     checksum_mode: Literal["when_supported", "when_required"] = Field(
         "when_supported", description="when_required for providers that reject the SDK's default checksums."
     )
@@ -302,6 +307,21 @@ class StorageConfig(Section):
         description="Also download each uploaded file and compare its sha256, for stores that do not "
         "validate checksums themselves (real S3 does; moto and some S3-compatible servers do not).",
     )
+
+
+# Credentials: never flow parameters, logs, manifests or bundles (public_dict drops them).
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+
+
+class StorageConfig(StorageOptions):
+    """Storage options plus credentials, from a config file, the environment or a Secret block."""
+
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(**self.model_dump(exclude=set(SECRET_FIELDS)))
 
 
 class ExportConfig(Section):
@@ -357,10 +377,7 @@ class Settings(BaseSettings):
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration without secrets, for manifests, logs and fingerprints."""
-        data = self.model_dump(
-            mode="json", exclude={"storage": {"access_key_id", "secret_access_key", "session_token"}}
-        )
-        return data
+        return self.model_dump(mode="json", exclude={"storage": set(SECRET_FIELDS)})
 
     def model_definition(self) -> dict[str, Any]:
         """What defines the model: the model sections without their operational fields."""

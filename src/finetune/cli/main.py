@@ -15,7 +15,8 @@ from rich.console import Console
 
 from finetune.cli.demo import DEFAULT_DEMO_MODEL, demo_overrides, print_examples
 from finetune.cli.options import ConfigOption, FreshOption, RunIdOption, SetOption
-from finetune.config import Settings, load_settings
+from finetune.cli.runlog import new_run_id, run_log
+from finetune.config import SECRET_FIELDS, Settings, load_settings
 
 app = typer.Typer(
     help="Scheduled, orchestrated LoRA fine-tuning of open LLMs with MLX.",
@@ -181,7 +182,23 @@ def run_pipeline(settings: Settings, run_id: str | None = None, fresh: bool = Fa
     from finetune.pipeline.summary import flow_parameters
     from flows.finetune import finetune_pipeline
 
-    return finetune_pipeline(**flow_parameters(settings), run_id=run_id, fresh=fresh, force=force)
+    # Credentials from a config file reach the flow through this process's environment, never as parameters.
+    secrets = {
+        f"FINETUNE_STORAGE__{field.upper()}": value.get_secret_value()
+        for field in SECRET_FIELDS
+        if (value := getattr(settings.storage, field)) is not None
+    }
+    saved = {name: os.environ.get(name) for name in secrets}
+    os.environ.update(secrets)
+    run_id = run_id or new_run_id()
+    try:
+        with run_log(settings.work_dir, run_id):
+            return finetune_pipeline(
+                **flow_parameters(settings), run_id=run_id, fresh=fresh, force=force, skip_if_unchanged=True
+            )
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
 
 
 def print_summary(result: dict) -> None:

@@ -17,7 +17,10 @@ def settings_from_sections(work_dir: str, **sections: Any) -> Settings:
 
 def flow_parameters(settings: Settings) -> dict[str, Any]:
     """The flow's parameters for these settings (the sections and the work directory)."""
-    return {**{name: getattr(settings, name) for name in SECTIONS}, "work_dir": str(settings.work_dir)}
+    sections = {name: getattr(settings, name) for name in SECTIONS}
+    # Credentials are never parameters (the server stores parameters in plain text): the flow reads them
+    # from its environment or the Secret block storage.credentials_block names.
+    return {**sections, "storage": settings.storage.options(), "work_dir": str(settings.work_dir)}
 
 
 def training_summary(trained: dict[str, Any]) -> dict[str, Any]:
@@ -60,15 +63,17 @@ def manifest_fields(
     }
 
 
-def already_published(manifest: dict[str, Any], run_dir: str, store_uri: str) -> dict[str, Any]:
-    """The summary of a re-run whose run id is already published: nothing was done."""
+def already_published(
+    manifest: dict[str, Any], run_dir: str, store_uri: str, promotion: dict[str, Any]
+) -> dict[str, Any]:
+    """The summary of a re-run whose run id is already published: not trained again, promotion decided."""
     return {
         "run_id": manifest["run_id"],
         "bundle_uri": manifest["uri"],
         "dataset_version": manifest.get("dataset_version"),
         "metrics": manifest.get("metrics", {}),
-        "promoted": None,
-        "promotion_reason": "already published by an earlier run; nothing done",
+        "promoted": promotion["promoted"],
+        "promotion_reason": f"already published by an earlier attempt; {promotion['reason']}",
         "run_dir": run_dir,
         "store": store_uri,
     }

@@ -13,7 +13,7 @@ from typing import Any
 from finetune.errors import PublishError, StorageError
 from finetune.evaluation.gate import beats
 from finetune.layout import CHAMPION_KEY, manifest_key
-from finetune.publishing.publish import read_manifest, run_step
+from finetune.publishing.publish import read_manifest, reread, run_step
 from finetune.store import (
     NotFoundError,
     PreconditionFailed,
@@ -94,13 +94,16 @@ def _swap_champion(store: Store, run_id: str, fields: dict[str, Any], decide: De
 
         try:
             run_step(store, f"write {store.uri_for(CHAMPION_KEY)}", write)
-        except (PreconditionFailed, NotFoundError):
-            now = read_champion(store)
+        except StorageError as error:
+            # Ambiguous: our write may have committed with its response lost. Re-read to know.
+            now = reread(lambda: read_champion(store), error)
             if now is not None and now.get("write_id") == write_id:
-                log.info("champion pointer: our earlier write had succeeded")
-            else:
+                log.info("champion pointer: our write had succeeded (%s)", error)
+            elif isinstance(error, (PreconditionFailed, NotFoundError)):
                 log.info("champion pointer changed while promoting %s; deciding again", run_id)
                 continue
+            else:
+                raise
         log.info("promoted run %s to champion: %s", run_id, reason)
         return PromotionDecision(True, run_id, reason, previous, pointer)
     raise StorageError(f"{store.uri_for(CHAMPION_KEY)}: still contended after {rounds} rounds; try again")

@@ -8,7 +8,7 @@ Layout under the store's root (or ``s3://bucket/prefix``)::
 
 A reader trusts only files a manifest lists, so an interrupted attempt is invisible, and
 ``gc`` removes it later. The manifest records each file's sha256 and size; downloads are
-checked against it. A 412 on a conditional write is reconciled by re-reading: our own
+checked against it. Any error on a conditional write is reconciled by re-reading: our own
 write whose response was lost counts as success, someone else's is never overwritten.
 
 Retries: botocore retries every HTTP call (``storage.max_attempts``). Only failures the SDK
@@ -35,7 +35,6 @@ from finetune.store import (
     ConditionalConflict,
     FileDigest,
     NotFoundError,
-    PreconditionFailed,
     Store,
     UnsafeKeyError,
     UploadGaveUp,
@@ -131,6 +130,14 @@ def run_step(store: Store, what: str, fn: Callable[[], T]) -> T:
         reraise=True,
     )
     return retrying(fn)
+
+
+def reread(read: Callable[[], T], error: StorageError) -> T:
+    """Read back after an ambiguous write; when the store cannot be read either, the write's error stands."""
+    try:
+        return read()
+    except StorageError as exc:
+        raise error from exc
 
 
 # --------------------------------------------------------------------------- publishing
@@ -272,17 +279,20 @@ def _write_manifest(
         try:
             store.put_bytes(key, body, if_none_match=True)
             return manifest
-        except PreconditionFailed:
-            # Either our own write whose response was lost (botocore's retry then sees 412) or another attempt's.
-            current = read_manifest(store, run_id)
+        except StorageError as error:
+            # Any error is ambiguous: the write may have committed and only its response been lost
+            # (a reset after commit; botocore's retry then sees 412). The store says what happened.
+            current = reread(lambda: read_manifest(store, run_id), error)
             if current is not None and current.get("attempt_id") == attempt_id:
-                log.info("manifest %s: our earlier write had succeeded", store.uri_for(key))
+                log.info("manifest %s: our write had succeeded (%s)", store.uri_for(key), error)
                 return current
             if current is not None and _same_content(current, digests):
                 return current
+            if current is None:
+                raise
             raise AlreadyPublished(
                 f"run {run_id} is already published at {store.uri_for(key)} by attempt "
-                f"{current.get('attempt_id') if current else '?'}; not overwritten"
+                f"{current.get('attempt_id')}; not overwritten"
             ) from None
 
     return run_step(store, f"write {store.uri_for(key)}", write_manifest)
