@@ -36,6 +36,7 @@ __all__ = ["ConfigError", "Settings", "describe_validation_error", "load_setting
 
 # Marks a field that changes how a run operates, not what it computes (see Settings.fingerprint).
 OPERATIONAL = {"operational": True}
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")  # never parameters, logs or bundles
 
 
 class Section(BaseModel):
@@ -271,17 +272,12 @@ class EvaluationConfig(Section):
         return value
 
 
-class StorageOptions(Section):
-    """Where and how to store, without credentials: safe to show, log and pass as a flow parameter."""
-
+class StorageOptions(Section):  # no credentials: safe to show, log and pass as a flow parameter
     uri: str = Field("finetune-store", description="Local directory, file://… or s3://bucket/prefix.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, moto).")
     region: str | None = None
     credentials_block: str | None = Field(
-        None,
-        description="Name of a Prefect Secret block whose value is {access_key_id, secret_access_key, "
-        "session_token} (Prefect runs only). Unset: the worker's environment (FINETUNE_STORAGE__*, AWS_*).",
-        json_schema_extra=OPERATIONAL,
+        None, description="Prefect Secret block holding the credentials (JSON object)", json_schema_extra=OPERATIONAL
     )
     checksum_mode: Literal["when_supported", "when_required"] = Field(
         "when_supported", description="when_required for providers that reject the SDK's default checksums."
@@ -309,19 +305,10 @@ class StorageOptions(Section):
     )
 
 
-# Credentials: never flow parameters, logs, manifests or bundles (public_dict drops them).
-SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
-
-
-class StorageConfig(StorageOptions):
-    """Storage options plus credentials, from a config file, the environment or a Secret block."""
-
+class StorageConfig(StorageOptions):  # plus credentials: a config file, the environment or a Secret block
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
-
-    def options(self) -> StorageOptions:
-        return StorageOptions(**self.model_dump(exclude=set(SECRET_FIELDS)))
 
 
 class ExportConfig(Section):

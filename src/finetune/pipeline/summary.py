@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.config import SECTIONS, Settings, load_settings
+from finetune.config import SECRET_FIELDS, SECTIONS, Settings, StorageOptions, load_settings
 from finetune.layout import run_ref
 from finetune.publishing.retrain import base_model_ref, nothing_changed_message
 
@@ -20,7 +20,11 @@ def flow_parameters(settings: Settings) -> dict[str, Any]:
     sections = {name: getattr(settings, name) for name in SECTIONS}
     # Credentials are never parameters (the server stores parameters in plain text): the flow reads them
     # from its environment or the Secret block storage.credentials_block names.
-    return {**sections, "storage": settings.storage.options(), "work_dir": str(settings.work_dir)}
+    return {
+        **sections,
+        "storage": StorageOptions(**settings.storage.model_dump(exclude=set(SECRET_FIELDS))),
+        "work_dir": str(settings.work_dir),
+    }
 
 
 def training_summary(trained: dict[str, Any]) -> dict[str, Any]:
