@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +27,35 @@ from finetune.store import open_store
 pytestmark = pytest.mark.slow
 
 
-def invoke(*args: str) -> int:
+@contextlib.contextmanager
+def terminal() -> Iterator[io.StringIO]:
+    """What the user's terminal would show: our output and Prefect's console handler (pointed here meanwhile).
+
+    Not capfd: Prefect's console handler keeps the stream it first saw, and pytest closes its capture files.
+    """
+    import flows.finetune  # noqa: F401  (Prefect configures its logging on import)
+
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    consoles = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    assert consoles, "Prefect's console handler is not configured"
+    saved = [h.console.file for h in consoles]
+    for handler in consoles:
+        handler.console.file = out
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield out
+    finally:
+        for handler, file in zip(consoles, saved):
+            handler.console.file = file
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    with terminal() as out:
         code = app(list(args), standalone_mode=False)
-    print(out.getvalue())
-    return code or 0
+    return code or 0, out.getvalue()
 
 
-def test_failed_promotion_is_one_line_and_the_rerun_promotes(moto_server, tmp_path, monkeypatch, capfd):  # noqa: F811
+def test_failed_promotion_is_one_line_and_the_rerun_promotes(moto_server, tmp_path, monkeypatch):  # noqa: F811
     no_backoff(monkeypatch)
     bucket = f"ft-{uuid.uuid4().hex[:12]}"
     raw_client(f"http://{moto_server[0]}:{moto_server[1]}", key="testing").create_bucket(Bucket=bucket)
@@ -55,9 +77,8 @@ def test_failed_promotion_is_one_line_and_the_rerun_promotes(moto_server, tmp_pa
             + "".join(f"  {k}: {v}\n" for k, v in storage.items())
             + "  access_key_id: testing\n  secret_access_key: testing\n"
         )
-        capfd.readouterr()
-        assert invoke("run", "-c", str(config), "--run-id", "faulty") == 2
-        terminal = "".join(capfd.readouterr())
+        code, terminal = invoke("run", "-c", str(config), "--run-id", "faulty")
+        assert code == 2, terminal[-3000:]
         errors = [line for line in terminal.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, terminal[-3000:]
         assert "Traceback" not in terminal, terminal[-3000:]
@@ -69,7 +90,7 @@ def test_failed_promotion_is_one_line_and_the_rerun_promotes(moto_server, tmp_pa
         assert read_manifest(store, "faulty") is not None and read_champion(store) is None
 
         plan.rules.clear()
-        assert invoke("run", "-c", str(config), "--run-id", "faulty") == 0
-        terminal = "".join(capfd.readouterr())
+        code, terminal = invoke("run", "-c", str(config), "--run-id", "faulty")
+        assert code == 0, terminal[-3000:]
     assert read_champion(store)["run_id"] == "faulty"
     assert "champion: promoted to champion" in terminal and "training 10 steps" not in terminal, terminal[-3000:]
