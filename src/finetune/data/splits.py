@@ -1,4 +1,4 @@
-"""Fetch, validate, split and version datasets.
+"""Canonical rows per split in a content-addressed directory: validated, carved by ratio, versioned.
 
 Every row is read as a stream (bounded line size), mapped to a canonical row
 (``{"messages": [...]}`` or ``{"text": ...}``), validated, and written to a

@@ -1,4 +1,4 @@
-"""Publishing adapter bundles: verified, written once, promoted only when better.
+"""Publishing adapter bundles: staged per attempt, verified, committed once by the run's manifest.
 
 Layout under the store's root (or ``s3://bucket/prefix``)::
 

@@ -1,4 +1,4 @@
-"""Object storage behind one small interface: S3 (any S3-compatible endpoint) or a local directory.
+"""The store interface (keys, digests, errors) that the local and the S3 backend implement.
 
 Both backends give the same guarantees, which publishing relies on:
 - a reader never sees a partly written object (S3 commits whole objects; the local
