@@ -6,6 +6,10 @@ Layout under the store's root (or ``s3://bucket/prefix``)::
     runs/<run_id>/manifest.json                          the commit point, written once (If-None-Match: *)
     champion.json                                        the pointer, compare-and-swapped (If-Match: ETag)
 
+A local store then moves the verified attempt's files into ``runs/<run_id>/`` (under the run's
+lock, before the manifest), so that the run's directory is itself the bundle mlx-lm loads; on S3
+the manifest points at the attempt's keys and ``finetune pull`` makes the plain directory.
+
 A reader trusts only files a manifest lists, so an interrupted attempt is invisible, and
 ``gc`` removes it later. The manifest records each file's sha256 and size; downloads are
 checked against it. Any error on a conditional write is reconciled by re-reading: our own
