@@ -141,7 +141,7 @@ def _gguf(bundle, model, tokenizer, config, rows, out: Path, gguf_types: tuple[s
     from mlx.utils import tree_flatten
 
     from finetune.export.fused import fuse_verified
-    from finetune.export.gguf import GGUF_TOLERANCE, file_name, tokenizer_metadata, verify_gguf, write_gguf
+    from finetune.export.gguf import GGUF_RELATIVE_TOLERANCE, file_name, tokenizer_metadata, verify_gguf, write_gguf
 
     prompts = _prompts(tokenizer, rows, bundle)
     fused = fuse_verified(model, config, prompts)
@@ -153,7 +153,8 @@ def _gguf(bundle, model, tokenizer, config, rows, out: Path, gguf_types: tuple[s
     for gguf_type in gguf_types:
         path = out / file_name(gguf_type)
         write_gguf(path, weights, fused.config, meta, gguf_type, name)
-        limit = GGUF_TOLERANCE[gguf_type] if tolerance is None else tolerance
+        scale = fused.figures["max_abs_logit"]
+        limit = GGUF_RELATIVE_TOLERANCE[gguf_type] * scale if tolerance is None else tolerance
         verification[f"gguf_{gguf_type}_vs_fused"] = verify_gguf(
             path, fused.config, prompts, reference, limit, tokenizer
         )
