@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluation.primary_metric=val_loss",
             ]
             subprocess.run(run, env=client_env, cwd=REPO, check=True, timeout=900)
-            flow_run = api_json(api, "/flow_runs/filter", {"limit": 1, "sort": "START_TIME_DESC"})[0]
+            flow_run = api_json(api, "/flow_runs/filter", {"limit": 10})
+            flow_run = next(r for r in flow_run if r["state_type"] == "COMPLETED")
             artifacts = api_json(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
             by_key = {a["key"]: a for a in artifacts if a.get("key")}
+            print("artifacts:", ", ".join(sorted(by_key)))
             (deployment,) = [d for d in api_json(api, "/deployments/filter", {}) if d["name"] == "finetune"]
             profile = root / "chromium"
             shots = [
