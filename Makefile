@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# MLX backend on Linux: cpu or cuda (exactly one; to switch, delete $(VENV) first). Ignored on macOS (Metal).
+BACKEND ?= cpu
 
 .PHONY: setup demo lint test test-fast test-e2e-mlx-short bench clean
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@echo "make setup [2/3]: upgrading pip"
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip
 	@echo "make setup [3/3]: installing finetune and its pinned dependencies (a few minutes the first time)"
-	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[test,$(BACKEND)]'
 	touch $@
 	@echo "make setup: done; source $(VENV)/bin/activate to put finetune and prefect on your PATH"
 

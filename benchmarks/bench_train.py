@@ -116,11 +116,14 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int, hp: Hyper) -> dict:
+def run_ours(
+    model: str, data_file: Path, run_dir: Path, iters: int, seed: int, hp: Hyper, packing: bool = True
+) -> dict:
     settings = load_settings(
         None,
         [
             f"training.iters={iters}",
+            f"training.packing={str(packing).lower()}",
             f"training.batch_size={hp.batch}",
             f"training.learning_rate={hp.lr}",
             "training.lr_schedule=constant",
@@ -258,10 +261,14 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> N
 
     batches = mlx_lm_batches(model, data_dir, hp)
     valid = data.splits["valid"].encoded()
-    runs: dict[str, list[dict]] = {"finetune": [], "mlx_lm lora": []}
+    runs: dict[str, list[dict]] = {"finetune": [], "finetune bucketed": [], "mlx_lm lora": []}
     for seed in range(seeds):  # interleaved, so both see the same load on a shared machine
         for name, run in (
             ("finetune", lambda seed=seed: run_ours(model, data_file, work / f"ours-{seed}", iters, seed, hp)),
+            (
+                "finetune bucketed",
+                lambda seed=seed: run_ours(model, data_file, work / f"bucketed-{seed}", iters, seed, hp, packing=False),
+            ),
             (
                 "mlx_lm lora",
                 lambda seed=seed: run_mlx_lm(model, data_dir, work / f"mlx-{seed}", iters, seed, batches, hp),
@@ -275,8 +282,8 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> N
                 f"val loss {result['common_val_loss']:.4f}"
             )
     summary = {name: summarize(results) for name, results in runs.items()}
-    ours, theirs = summary["finetune"], summary["mlx_lm lora"]
-    print(f"\n{'':34}{'finetune':>16}{'mlx_lm lora':>16}{'ratio':>8}")
+    ours, bucketed, theirs = summary["finetune"], summary["finetune bucketed"], summary["mlx_lm lora"]
+    print(f"\n{'':34}{'finetune':>16}{'bucketed':>12}{'mlx_lm lora':>14}{'/mlx_lm':>8}{'/bucketed':>10}")
     for label, key, fmt in [
         ("supervised tokens/s", "supervised_tok_s", "{:,.0f}"),
         ("all tokens/s (non-padding)", "all_tok_s", "{:,.0f}"),
@@ -287,8 +294,8 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> N
         ("val loss, own definition (mean)", "final_val_loss", "{:.4f}"),
         ("val loss, same evaluator (mean)", "common_val_loss", "{:.4f}"),
     ]:
-        a, b = ours[key], theirs[key]
-        print(f"{label:34}{fmt.format(a):>16}{fmt.format(b):>16}{a / b:>8.2f}")
+        a, c, b = ours[key], bucketed[key], theirs[key]
+        print(f"{label:34}{fmt.format(a):>16}{fmt.format(c):>12}{fmt.format(b):>14}{a / b:>8.2f}{a / c:>10.2f}")
     for name, s in summary.items():
         print(f"{name}: val loss (same evaluator) per seed {', '.join(f'{v:.4f}' for v in s['val_losses'])}")
 

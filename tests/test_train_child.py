@@ -61,14 +61,26 @@ def test_log_says_which_blas(tiny_model_dir, data_path, tmp_path, monkeypatch):
     run_training_child(settings, str(tiny_model_dir), data_path, tmp_path / "a", logs.append)
     library = blas.openblas_library()
     if library:
-        assert f"training with OpenBLAS preloaded (LD_PRELOAD={library})" in logs
+        assert f"training on MLX's cpu backend with OpenBLAS preloaded (LD_PRELOAD={library})" in logs
     else:
-        assert "training with MLX's bundled BLAS (Debian OpenBLAS not found)" in logs
+        assert "training on MLX's cpu backend with its bundled BLAS (Debian OpenBLAS not found)" in logs
     logs.clear()
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     off = load_settings(None, ["training.iters=1", "training.batch_size=4", "lora.rank=4", "training.use_openblas=off"])
     run_training_child(off, str(tiny_model_dir), data_path, tmp_path / "b", logs.append)
-    assert "training with MLX's bundled BLAS (training.use_openblas=off)" in logs
+    assert "training on MLX's cpu backend with its bundled BLAS (training.use_openblas=off)" in logs
+
+
+def test_no_openblas_for_a_gpu_backend(monkeypatch):
+    """A CUDA (or Metal) MLX gets nothing preloaded, and the log names its backend."""
+    monkeypatch.setattr(blas, "mlx_backend", lambda: "cuda")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env, library = blas.preload_env()
+    assert library is None and "LD_PRELOAD" not in env
+    monkeypatch.setattr("finetune.train.child.mlx_backend", lambda: "cuda")
+    from finetune.train.child import _blas_message
+
+    assert "MLX's cuda backend" in _blas_message(load_settings(), None, env)
 
 
 def test_user_error_in_child_is_a_training_error(tiny_model_dir, data_path, tmp_path):

@@ -173,10 +173,13 @@ class TrainingConfig(Section):
         description="Mirror every K-th checkpoint; the last ones are always mirrored.",
         json_schema_extra=OPERATIONAL,
     )
+    packing: bool = Field(True, description="Pack rows with block-diagonal attention (else length buckets).")
+    pack_length: int | None = Field(None, gt=0, description="Default: the longest row, rounded up to 64.")
+    batch_tokens: int | None = Field(None, gt=0, description="Packed: tokens a micro-batch (default ~batch_size rows).")
+    loss_chunk_tokens: int | None = Field(2048, gt=0, description="Loss over chunks of this many tokens (null: all).")
+    grad_checkpoint: bool = Field(False, description="Recompute blocks in backward.", json_schema_extra=OPERATIONAL)
     use_openblas: Literal["auto", "off"] = Field(
-        "auto",
-        description="On Linux, preload Debian's OpenBLAS into the training process when present.",
-        json_schema_extra=OPERATIONAL,
+        "auto", description="Linux, MLX on CPU: preload Debian's OpenBLAS if present.", json_schema_extra=OPERATIONAL
     )
     # Distributed training changes where rows are computed, not what is computed: a run may resume on other ranks.
     hosts: str | None = Field(

@@ -1,4 +1,4 @@
-"""Length-bucketed batches padded to a few fixed widths.
+"""Length-bucketed batches padded to a few fixed widths (the fallback when packing is off or unsupported).
 
 mlx-lm's ``iterate_batches`` meant to sort by length but sorts by the size of
 the row dict, so its batches mix short and long rows and about a quarter of
@@ -33,6 +33,8 @@ class Batch:
     mask: np.ndarray
     n_tokens: int  # real (non-padding) input positions
     n_targets: int  # supervised target tokens
+    segments: np.ndarray | None = None  # packed batches: row number inside each pack, 0 for the empty tail
+    positions: np.ndarray | None = None  # packed batches: position of each token inside its own row
 
     @property
     def width(self) -> int:
@@ -49,11 +51,16 @@ def n_targets(row: Encoded) -> int:
 
 
 def pad_widths(max_width: int) -> list[int]:
-    """Multiples of 8 whose step doubles with each octave, so rounding wastes at most ~12 %."""
-    widths, w = [], 8
+    """Widths from 16 growing by a quarter each (multiples of 8), up to ``max_width``: 15 up to 512, 18 up to 1024.
+
+    Every new width is one more trace of the compiled step (about 40 widths
+    dominated short GPU runs); a batch grows by at most 40 % (small widths), 26 % above 100 tokens,
+    and length-sorted batches end up about 15 % padding (tests/test_train_batching.py).
+    """
+    widths, w = [], 16
     while w < max_width:
         widths.append(w)
-        w += max(8, 1 << (w.bit_length() - 4))
+        w = -(-round(w * 1.25) // 8) * 8
     widths.append(max_width)
     return widths
 

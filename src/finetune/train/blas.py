@@ -2,7 +2,9 @@
 
 The mlx-cpu wheel links the reference BLAS; preloading OpenBLAS into a fresh
 process makes its matrix products an order of magnitude faster. Optional:
-where the library is absent, nothing changes.
+where the library is absent, nothing changes. A process whose MLX runs on a GPU
+(the mlx-cuda wheel, or Metal) does its matrix products there: nothing is
+preloaded into it.
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ def openblas_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "auto") == "off"
 
 
+def mlx_backend() -> str:
+    """The backend MLX computes on by default in this installation: ``cuda``, ``metal`` or ``cpu``."""
+    import mlx.core as mx
+
+    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return "cpu"
+
+
 def openblas_library() -> str | None:
-    """Path of Debian's OpenBLAS when it is present and wanted on this machine."""
-    if platform.system() != "Linux" or openblas_disabled():
+    """Path of Debian's OpenBLAS when it is present and wanted on this machine (Linux, MLX on the CPU)."""
+    if platform.system() != "Linux" or openblas_disabled() or mlx_backend() != "cpu":
         return None
     return next((p for p in OPENBLAS_CANDIDATES if Path(p).exists()), None)
 

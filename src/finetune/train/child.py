@@ -41,7 +41,7 @@ from finetune.data.tokenized import read_tokenized
 from finetune.errors import DataError, FingerprintMismatch, ModelError, TrainingChildError, TrainingError
 from finetune.layout import TRAIN_REQUEST_FILE, TRAIN_RESULT_FILE
 from finetune.model.resolve import resolve_model
-from finetune.train.blas import DISABLE_ENV, is_preloaded, openblas_disabled, preload_env
+from finetune.train.blas import DISABLE_ENV, is_preloaded, mlx_backend, openblas_disabled, preload_env
 from finetune.train.checkpoints import write_json
 from finetune.train.distributed import WATCHDOG_EXIT, Reducer
 from finetune.train.launch import RankWatch, rank_command, strip_ansi
@@ -56,7 +56,7 @@ USER_ERROR_EXIT = 3
 # Where a rank on another machine keeps the tokenized data rank 0 sent it (named by content, reused by retries).
 RANK_DATA_CACHE = Path(tempfile.gettempdir()) / "finetune-rank-data"
 # Events always forwarded; "train" progress is rate-limited.
-ALWAYS_FORWARDED = {"start", "eval", "checkpoint", "resume", "skip", "warning", "done", "error", "rank"}
+ALWAYS_FORWARDED = {"start", "note", "eval", "checkpoint", "resume", "skip", "warning", "done", "error", "rank"}
 
 Log = Callable[[str], None]
 EventFn = Callable[[dict[str, Any]], None]
@@ -182,15 +182,20 @@ def _parse_event(line: str) -> dict[str, Any] | None:
 
 
 def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) -> str:
+    backend = mlx_backend()
+    if backend != "cpu":
+        return f"training on MLX's {backend} backend (GPU matrix products; OpenBLAS not preloaded)"
     if library:
-        return f"training with OpenBLAS preloaded (LD_PRELOAD={library})"
+        return f"training on MLX's cpu backend with OpenBLAS preloaded (LD_PRELOAD={library})"
     if is_preloaded(env):
-        return f"training with OpenBLAS preloaded by the environment (LD_PRELOAD={env['LD_PRELOAD']})"
+        return (
+            f"training on MLX's cpu backend with OpenBLAS preloaded by the environment (LD_PRELOAD={env['LD_PRELOAD']})"
+        )
     if settings.training.use_openblas == "off":
-        return "training with MLX's bundled BLAS (training.use_openblas=off)"
+        return "training on MLX's cpu backend with its bundled BLAS (training.use_openblas=off)"
     if openblas_disabled():
-        return f"training with MLX's bundled BLAS ({DISABLE_ENV}=off)"
-    return "training with MLX's bundled BLAS (Debian OpenBLAS not found)"
+        return f"training on MLX's cpu backend with its bundled BLAS ({DISABLE_ENV}=off)"
+    return "training on MLX's cpu backend with its bundled BLAS (Debian OpenBLAS not found)"
 
 
 def _describe_exit(code: int | None) -> str:

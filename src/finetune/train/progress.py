@@ -56,7 +56,8 @@ def format_event(e: dict[str, Any]) -> str | None:
         origin = f"resuming from step {e['resumed_from']}" if e["resumed_from"] else "starting from step 0"
         return (
             f"training {e['total_steps']} steps on {e['train_rows']} rows ({e['valid_rows']} validation), "
-            f"{e['trainable_parameters']:,} trainable parameters, {origin}"
+            f"{e['trainable_parameters']:,} trainable parameters, {origin}; "
+            f"{e.get('batching', 'bucketed')} batches on {e.get('device', '?')}"
             + (f", on {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
         )
     if kind == "rank":
@@ -67,6 +68,8 @@ def format_event(e: dict[str, Any]) -> str | None:
         return f"resumed from checkpoint {e['checkpoint']}"
     if kind == "done":
         return f"training finished at step {e['step']}; adapter (step {e['adapter_step']}) in {e['adapter_dir']}"
+    if kind == "note":
+        return e["message"]
     if kind in ("skip", "warning"):
         return f"{kind}: {e['message']}"
     return None  # an error is raised to the caller, which shows it once

@@ -1,7 +1,8 @@
 """LoRA training on mlx-lm's building blocks, with exact resume.
 
 Differences from ``mlx_lm.tuner.trainer`` and why:
-- batches are length-bucketed and padded to a few widths (see ``batching``);
+- rows are packed with block-diagonal attention: one compiled shape (``packing``, ``plan``); chunked loss and
+  block recomputation (``memory``); the host waits for the device only at reports, evals and checkpoints;
 - the loss is summed over supervised tokens and divided by the token count of
   the whole accumulated step, so gradient accumulation weights micro-batches
   by their target tokens rather than equally;
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from finetune.config import Settings
 from finetune.data.templating import Encoded
@@ -46,9 +47,11 @@ from finetune.train.fingerprints import (
     tokenizer_fingerprint,
 )
 from finetune.train.lora import build_optimizer, load_model
+from finetune.train.memory import LossHead, checkpoint_blocks
 from finetune.train.outputs import TrainResult, read_history, rewrite_events, run_lock, write_adapter
+from finetune.train.plan import BatchPlan
 from finetune.train.progress import ProgressWindow
-from finetune.train.step import compile_steps
+from finetune.train.step import PendingStep, compile_steps, device_arrays, settle
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +94,19 @@ class Trainer:
         self.lengths = self.train.lengths()[self.train_rows].tolist()
         longest = max([*self.lengths, *self.valid.lengths()[self.valid_rows].tolist()])
         self.widths = batching.pad_widths(max(settings.template.max_seq_length, longest) - 1)
-        self.batches_per_epoch = len(self.train_rows) // self.t.batch_size
+        self.model, tokenizer, model_dir = load_model(settings, model_path)
+        if self.t.grad_checkpoint:
+            checkpoint_blocks(self.model)
+        self.loss_head = LossHead(self.model, self.t.loss_chunk_tokens)
+        t = self.t if self.dist.world == 1 else self.t.model_copy(update={"packing": False})  # ranks split rows
+        self.plan = BatchPlan(t, self.model, self.train, self.train_rows, self.widths, longest)
+        self.notes, self.packed = [n for n in (self.loss_head.note, self.plan.note) if n], self.plan.packed
+        self.batches_per_epoch = self.plan.per_epoch
         if self.batches_per_epoch == 0:
             raise TrainingError(
                 f"the training split has {len(self.train_rows)} usable rows, fewer than training.batch_size={self.t.batch_size}"
             )
         self.total_steps = self._total_steps()
-        self.model, tokenizer, model_dir = load_model(settings, model_path)
         self.fingerprints = {
             "config": settings.fingerprint(),
             "model": model_fingerprint(model_dir),
@@ -108,8 +117,8 @@ class Trainer:
         self.optimizer = build_optimizer(settings, self.total_steps)
         self.optimizer.init(self.model.trainable_parameters())
         self.state = LoopState()
-        self._plan: tuple[int, list[list[int]]] | None = None
-        self.val_batches = self._val_batches()
+        self.val_batches = self.plan.eval_batches(self.valid, self.valid_rows)
+        self.traces, self.compile_seconds = {"grad": 0, "update": 0, "eval": 0}, 0.0  # traces per compiled function
 
     # ----- setup
 
@@ -117,14 +126,6 @@ class Trainer:
         if self.t.epochs is None:
             return self.t.iters
         return max(1, math.ceil(self.t.epochs * self.batches_per_epoch / self.t.grad_accumulation_steps))
-
-    def _val_batches(self) -> list[Batch]:
-        rows = self.valid_rows
-        if self.t.val_batches != -1:
-            # A fixed random subset, not the shortest rows that a length sort would put first.
-            order = batching.epoch_order(len(rows), self.t.seed)
-            rows = rows[order[: self.t.val_batches * self.t.batch_size]]
-        return batching.eval_batches_packed(self.valid, rows, self.t.batch_size, self.widths)
 
     def restore(self, fresh: bool = False) -> int | None:
         """Resume from the newest valid checkpoint (or wipe the run when ``fresh``); returns its step."""
@@ -158,61 +159,59 @@ class Trainer:
     # ----- compiled functions (built after restore: compile captures the optimizer state object)
 
     def _compile(self) -> None:
-        self._grad_fn, self._update_fn, self._eval_fn = compile_steps(self.model, self.optimizer, self.t.grad_clip)
+        self._grad_fn, self._update_fn, self._eval_fn = compile_steps(
+            self.model, self.optimizer, self.t.grad_clip, self.loss_head, self.traces
+        )
 
     # ----- data cursor
 
-    def _next_batch(self) -> Batch:
-        s = self.state
-        if s.batch_index >= self.batches_per_epoch:
-            s.epoch, s.batch_index = s.epoch + 1, 0
-        if self._plan is None or self._plan[0] != s.epoch:
-            plan = batching.epoch_batches(
-                self.lengths, self.t.batch_size, self.t.seed, s.epoch, self.t.sort_window_batches
-            )
-            self._plan = (s.epoch, plan)
-        rows = self.train_rows[self._plan[1][s.batch_index]]
-        s.batch_index += 1
-        return batching.collate_packed(self.train, rows, self.widths)
+    def _call(self, name: str, fn: Callable, *args: Any) -> Any:
+        """Call a compiled function; the host time of a call that (re)traced counts as compile time."""
+        before, tic = self.traces[name], time.perf_counter()
+        out = fn(*args)
+        self.compile_seconds += time.perf_counter() - tic if self.traces[name] != before else 0.0
+        return out
 
-    # ----- steps
+    def accumulate_lazy(self, micro_batches: Sequence[Batch]) -> PendingStep:
+        """Summed gradients of the good micro-batches, decided on the device (one rank: the host does not wait)."""
+        pending = PendingStep()
+        for batch in micro_batches:
+            if batch.n_targets == 0:
+                pending.checks.append("no supervised tokens")
+                continue
+            arrays = device_arrays(batch) if self.dist.world == 1 else tuple(map(mx.array, self.dist.local_part(batch)))
+            loss, sq_norm, g = self._call("grad", self._grad_fn, *arrays)
+            if self.dist.world > 1:  # every rank decides on the summed values, so all skip alike
+                loss, sq_norm = (mx.array(v) for v in self.dist.sum_scalars([loss.item(), sq_norm.item()]))
+            pending.add(loss, sq_norm, g, batch.n_targets)
+        return pending
 
     def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[dict | None, float, int, list[str]]:
         """Summed gradients, summed loss and target count of the usable micro-batches, and why others were skipped."""
-        grads, loss_sum, n_targets, skipped = None, 0.0, 0, []
-        for batch in micro_batches:
-            if batch.n_targets == 0:
-                skipped.append("no supervised tokens")
-                continue
-            loss, sq_norm, g = self._grad_fn(*map(mx.array, self.dist.local_part(batch)))
-            mx.eval(loss, sq_norm, g)
-            loss_value, sq_norm_value = self.dist.sum_scalars([loss.item(), sq_norm.item()])  # same skips on all ranks
-            if not math.isfinite(loss_value):
-                skipped.append("non-finite loss")
-                continue
-            if not math.isfinite(sq_norm_value):
-                skipped.append("non-finite gradient")
-                continue
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_sum += loss_value
-            n_targets += batch.n_targets
-        return grads, loss_sum, n_targets, skipped
+        p = self.accumulate_lazy(micro_batches)
+        out = p.resolve()
+        return (p.grads if out["n_targets"] > 0 else None), out["loss_sum"], out["n_targets"], out["skipped"]
+
+    def step_lazy(self, micro_batches: Sequence[Batch]) -> PendingStep:
+        """One optimizer step over ``micro_batches``, weighted by target tokens; queued, not waited for."""
+        p = self.accumulate_lazy(micro_batches)
+        if p.grads is not None:
+            apply, grads = p.n_targets > 0, self.dist.sum_grads(p.grads)
+            self._call("update", self._update_fn, grads, p.n_targets.astype(mx.float32), apply)
+            p.updated, p.grads = apply, None
+            mx.async_eval(self.model.trainable_parameters(), self.optimizer.state, p.loss_sum, p.n_targets)
+        return p
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
-        """One optimizer step over ``micro_batches``, weighted by target tokens; bad micro-batches are left out."""
-        grads, loss_sum, n_targets, skipped = self.accumulate(micro_batches)
-        grads = self.dist.sum_grads(grads)
-        if grads is not None:
-            self._update_fn(grads, mx.array(n_targets, mx.float32))
-            mx.eval(self.model.parameters(), self.optimizer.state)
-        return {"loss_sum": loss_sum, "n_targets": n_targets, "skipped": skipped, "updated": grads is not None}
+        """``step_lazy``, then wait for its result."""
+        return self.step_lazy(micro_batches).resolve()
 
     def evaluate(self) -> float:
         self.model.eval()
         total = mx.array(0.0)
         for b in self.dist.mine(self.val_batches):
-            total = total + self._eval_fn(mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
-            mx.eval(total)
+            total = total + self._call("eval", self._eval_fn, *device_arrays(b))
+            mx.async_eval(total)
         self.model.train()
         return self.dist.sum_scalars([total.item()])[0] / sum(b.n_targets for b in self.val_batches)
 
@@ -256,6 +255,8 @@ class Trainer:
         self.state = self.dist.share_restored(self.model, self.optimizer, self.state, resumed_from)
         for note in self.data_notes:
             self.emit({"event": "warning", "message": note})
+        for note in self.notes:
+            self.emit({"event": "note", "message": note})
         self._compile()
         self.model.train()
         s, t = self.state, self.t
@@ -268,28 +269,31 @@ class Trainer:
                 "valid_rows": len(self.valid_rows),
                 "trainable_parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
                 "ranks": self.dist.world,
+                "device": str(mx.default_device()),
+                "batching": self.plan.describe(),
             }
         )
         initial_val = None
         if resumed_from is None:
             initial_val = self.evaluate()
             self.emit({"event": "eval", "step": 0, "val_loss": initial_val})
-        window = ProgressWindow()
+        window, pending = ProgressWindow(), []
         started, first_step = time.perf_counter(), s.step
+        window_start = started
         while s.step < self.total_steps and not s.stopped_early:
             s.step += 1
             mx.random.seed(dropout_seed(t.seed, s.step, self.dist.rank, self.dist.world))
-            tic = time.perf_counter()
-            batches = [self._next_batch() for _ in range(t.grad_accumulation_steps)]
-            out = self.train_step(batches)
-            window.add(batches, out, time.perf_counter() - tic)
-            s.supervised_tokens += out["n_targets"]
-            for reason in out["skipped"]:
-                s.skipped_batches += 1
-                self.emit({"event": "skip", "step": s.step, "message": f"step {s.step}: skipped a batch ({reason})"})
-            if s.step % t.steps_per_report == 0 or s.step == self.total_steps:
-                elapsed = time.perf_counter() - started
-                eta = elapsed / (s.step - first_step) * (self.total_steps - s.step)
+            batches = [self.plan.next(s) for _ in range(t.grad_accumulation_steps)]
+            pending.append((s.step, batches, self.step_lazy(batches)))
+            last = s.step == self.total_steps
+            if last or any(s.step % k == 0 for k in (t.steps_per_report, t.steps_per_eval, t.steps_per_checkpoint)):
+                for step, reason in settle(pending, window, s):  # the only wait for the device between evals
+                    self.emit({"event": "skip", "step": step, "message": f"step {step}: skipped a batch ({reason})"})
+                pending = []
+            if s.step % t.steps_per_report == 0 or last:
+                now = time.perf_counter()
+                window.seconds, window_start = now - window_start, now
+                eta = (now - started) / (s.step - first_step) * (self.total_steps - s.step)
                 self.emit(
                     {
                         "event": "train",
@@ -298,11 +302,14 @@ class Trainer:
                         "epoch": s.epoch,
                         "lr": self.optimizer.learning_rate.item(),
                         "eta_seconds": eta,
+                        "compile_seconds": self.compile_seconds,
                         **window.report(),
                     }
                 )
                 window = ProgressWindow()
+            tic = time.perf_counter()
             self._after_step()
+            window_start += time.perf_counter() - tic  # evaluation and checkpoints are not training time
         return self._finish(initial_val, resumed_from)
 
     def _after_step(self) -> None:
@@ -381,6 +388,8 @@ class Trainer:
                 "adapter_step": source_step,
                 "best_val_loss": s.best_val_loss,
                 "stopped_early": s.stopped_early,
+                "compile_seconds": self.compile_seconds,
+                "traces": dict(self.traces),
             }
         )
         return result
