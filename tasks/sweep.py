@@ -16,7 +16,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
@@ -111,16 +110,17 @@ def wait_for_runs(runs: Sequence[FlowRun], poll_seconds: float) -> list[FlowRun]
 def _tokens_per_sec(flow_run_id: UUID) -> float | None:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[HISTORY_KEY])
-            )
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    rows = artifacts[0].data if artifacts else None
+    # Keys carry the deployment's name (tasks.artifacts.artifact_key).
+    history = [a for a in artifacts if (a.key or "").endswith(HISTORY_KEY)]
+    rows = history[0].data if history else None
     if isinstance(rows, str):
         import json
 
         rows = json.loads(rows)
-    rates = [r["tokens_per_sec"] for r in rows or [] if r.get("tokens_per_sec") is not None]
+    # Cells without a value are a dash, not None (tasks.artifacts.table).
+    rates = [r["tokens_per_sec"] for r in rows or [] if isinstance(r.get("tokens_per_sec"), (int, float))]
     return sum(rates) / len(rates) if rates else None
 
 
