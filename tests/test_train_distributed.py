@@ -129,7 +129,7 @@ def test_killed_rank_stops_all_and_retry_resumes_exactly(tiny_model_dir, data_pa
         if event["event"] == "train" and event["step"] == 3:
             os.kill(pids[1], signal.SIGKILL)
 
-    with pytest.raises(TrainingChildError, match=r"training rank 1 was killed by SIGKILL.*; every rank was stopped"):
+    with pytest.raises(TrainingChildError, match=r"rank 1 was killed by SIGKILL.*; every rank was stopped"):
         train(tiny_model_dir, data_path, run_dir, hostfile, on_event=kill_rank_1)
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:

@@ -53,6 +53,7 @@ EVENT_PREFIX = "@finetune "
 REQUEST_FILE = TRAIN_REQUEST_FILE
 RESULT_FILE = TRAIN_RESULT_FILE
 USER_ERROR_EXIT = 3
+RANK_GRACE_SECONDS = 1.0  # after the first failed rank, before the whole group is killed
 # Where a rank on another machine keeps the tokenized data rank 0 sent it (named by content, reused by retries).
 RANK_DATA_CACHE = Path(tempfile.gettempdir()) / "finetune-rank-data"
 # Events always forwarded; "train" progress is rate-limited.
@@ -121,6 +122,7 @@ def run_training_child(
     tail: deque[str] = deque(maxlen=30)
     error: dict[str, Any] | None = None
     ranks = RankWatch()
+    grace: threading.Timer | None = None
     try:
         forward = _Forwarder(log, on_event, progress_interval, mirror)
         assert proc.stdout is not None
@@ -137,7 +139,10 @@ def run_training_child(
                 tail.append(line)
                 log(line)
                 if ranks.saw_failure(line):
-                    _kill_group(proc)  # at once: the others would only wait for the dead rank
+                    # Soon, not at once: a second line may say which rank died first (its peers fail after it).
+                    grace = threading.Timer(RANK_GRACE_SECONDS, _kill_group, [proc])
+                    grace.daemon = True
+                    grace.start()
         code = proc.wait()
         forward.flush()
     except BaseException:
@@ -147,23 +152,22 @@ def run_training_child(
             mirror.abandon()
         raise
     finally:
-        if timer:
-            timer.cancel()
+        for pending in (timer, grace):
+            if pending:
+                pending.cancel()
         _kill_group(proc)  # stragglers the child may have left in its group
-    failed = ranks.failed
+    failed = ranks.failures
     if mirror:
         # Also after a crash: the retry, maybe on another machine, resumes from what was mirrored.
-        mirror.finish(upload_all=code == 0 and failed is None)
-    if error is not None and USER_ERROR_EXIT in (code, failed and failed[1]):
+        mirror.finish(upload_all=code == 0 and not failed)
+    if error is not None and USER_ERROR_EXIT in (code, *(c for _, c in failed)):
         kind = FingerprintMismatch if error.get("kind") == "FingerprintMismatch" else TrainingError
         raise kind(error["message"])
     if timed_out.is_set():
         raise TrainingChildError(f"training exceeded its timeout of {timeout:g} s and was killed")
-    if failed is not None:
-        raise TrainingChildError(
-            f"training rank {failed[0]} {_describe_exit(failed[1])}; every rank was stopped; last output:\n"
-            + "\n".join(tail)
-        )
+    if failed:
+        how = ", ".join(f"rank {rank} {_describe_exit(c)}" for rank, c in failed)
+        raise TrainingChildError(f"training {how}; every rank was stopped; last output:\n" + "\n".join(tail))
     if code != 0:
         raise TrainingChildError(f"training process {_describe_exit(code)}; last output:\n" + "\n".join(tail))
     result = run_dir / RESULT_FILE

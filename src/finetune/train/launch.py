@@ -161,18 +161,16 @@ def strip_ansi(line: str) -> str:
 
 
 class RankWatch:
-    """Reads mlx.launch's per-rank exit lines: the first failed rank, and whether any rank exited cleanly."""
+    """Reads mlx.launch's per-rank exit lines: which ranks failed, and how."""
 
     def __init__(self) -> None:
-        self.failed: tuple[int, int | None] | None = None  # (rank, exit code; None: mlx.launch killed it)
+        self.failures: list[tuple[int, int | None]] = []  # (rank, exit code; None: mlx.launch killed it)
 
     def saw_failure(self, line: str) -> bool:
         """True when ``line`` reports the first rank that failed."""
         match = _RANK_EXIT.search(strip_ansi(line))
-        if match is None or self.failed is not None:
+        code = int(match.group(2)) if match and match.group(2) is not None else None
+        if match is None or code == 0:
             return False
-        code = int(match.group(2)) if match.group(2) is not None else None
-        if code == 0:
-            return False
-        self.failed = (int(match.group(1)), code)
-        return True
+        self.failures.append((int(match.group(1)), code))
+        return len(self.failures) == 1
