@@ -162,27 +162,9 @@ def write_loss_plot(history: Sequence[Mapping[str, Any]], out_path: Path) -> Pat
     return _atomic_write(out_path, lambda f: fig.savefig(f, format="png"))
 
 
-def write_model_card(
-    out_path: Path,
-    report: EvalReport,
-    *,
-    base_model: str,
-    data_version: str,
-    hyperparameters: Mapping[str, Any],
-    run_id: str,
-    bundle_uri: str | None = None,
-    plot_file: str | None = PLOT_FILE,
-) -> Path:
-    """README.md for the bundle: what it is, how it was made, how it scores and how to load it."""
-    text = model_card_markdown(
-        report,
-        base_model=base_model,
-        data_version=data_version,
-        hyperparameters=hyperparameters,
-        run_id=run_id,
-        bundle_uri=bundle_uri,
-        plot_file=plot_file,
-    )
+def write_model_card(out_path: Path, report: EvalReport, **card: Any) -> Path:
+    """README.md for the bundle (``card``: the keyword arguments of ``model_card_markdown``)."""
+    text = model_card_markdown(report, **card)
     return _atomic_write(out_path, lambda f: f.write(text.encode("utf-8")))
 
 
