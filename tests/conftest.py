@@ -16,9 +16,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session")
-def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 training and 4 validation rows of the demo data, tokenized for the tiny model."""
+def tokenize_demo_subset(model_dir: Path, out_dir: Path, n_train: int, n_valid: int) -> Path:
+    """The first rows of the demo data, tokenized for the tiny model (default dataset and template)."""
     from mlx_lm import load
 
     from finetune.config import load_settings
@@ -26,13 +25,25 @@ def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     from finetune.data.templating import encode_chat
 
     settings = load_settings()
-    _, tokenizer = load(str(tiny_model_dir))
+    _, tokenizer = load(str(model_dir))
     splits = load_splits(settings.dataset)
     data = {
-        "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:16]],
-        "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:4]],
+        "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:n_train]],
+        "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:n_valid]],
     }
-    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+    return write_tokenized(out_dir / "tokenized.safetensors", data)
+
+
+@pytest.fixture(scope="session")
+def small_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 training and 4 validation rows."""
+    return tokenize_demo_subset(tiny_model_dir, tmp_path_factory.mktemp("data"), 16, 4)
+
+
+@pytest.fixture(scope="session")
+def medium_tokenized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 training and 8 validation rows."""
+    return tokenize_demo_subset(tiny_model_dir, tmp_path_factory.mktemp("data"), 64, 8)
 
 
 def write_tokenized(path: Path, data: dict[str, list[Encoded]]) -> Path:

@@ -10,11 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import write_tokenized
 
 from finetune.config import load_settings
-from finetune.data import load_splits
-from finetune.data.templating import encode_chat
 from finetune.errors import TrainingChildError
 from finetune.layout import ADAPTER_FILE
 from finetune.layout import TRAIN_EVENTS_FILE as METRICS_FILE
@@ -43,17 +40,8 @@ class KillAt(Exception):
 
 
 @pytest.fixture(scope="module")
-def data_path(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mlx_lm import load
-
-    settings = load_settings(None, OVERRIDES)
-    _, tokenizer = load(str(tiny_model_dir))
-    splits = load_splits(settings.dataset)
-    data = {
-        "train": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.train[:64]],
-        "valid": [encode_chat(tokenizer, r["messages"], settings.template) for r in splits.valid[:8]],
-    }
-    return write_tokenized(tmp_path_factory.mktemp("data") / "tokenized.safetensors", data)
+def data_path(medium_tokenized: Path) -> Path:
+    return medium_tokenized
 
 
 def train_child(model: Path, data: Path, run_dir: Path, kill_after_step: int | None = None):
