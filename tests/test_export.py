@@ -27,6 +27,9 @@ SHORT = [
     "training.learning_rate=0.01",
     "lora.rank=4",
     "lora.num_layers=3",
+    # Packed at lr 0.01 the tiny random model came out ill-conditioned: 1e-4 relative weight noise moved one
+    # logit by 0.15, so any Q8_0 check failed. Trained on buckets it moves 0.003 at 1e-3 noise.
+    "training.packing=false",
 ]
 
 
