@@ -216,10 +216,10 @@ def test_base_champion_candidate_see_identical_inputs(
 ):
     rows = {"test": splits.test}
     report = evaluate_candidate(
-        str(tiny_model_dir), good_adapter, _data(encoded), rows, settings, champion_dir=bad_adapter
+        str(tiny_model_dir), good_adapter, _data(encoded), rows, settings, champion_dir=bad_adapter, data_version="v1"
     )
     assert list(report.variants) == ["base", "champion", "candidate"]
-    assert len({v.inputs_sha256 for v in report.variants.values()}) == 1
+    assert report.data_version == "v1" and report.to_dict()["data_version"] == "v1"
     assert report.generation_split == "test" and len(report.questions) == settings.evaluation.max_examples
 
     # Each variant's numbers equal an independent evaluation of that model on the same examples.
@@ -236,7 +236,14 @@ def test_base_champion_candidate_see_identical_inputs(
     metrics = {name: v.metrics["val_loss"] for name, v in report.variants.items()}
     assert metrics["candidate"] < metrics["base"] < metrics["champion"]
     assert report.decision.promote, report.decision.reason
-    assert EvalReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    stored = json.loads(json.dumps(report.to_dict()))
+    assert EvalReport.from_dict(stored) == report
+    # A champion published before reports named their data version still loads (with its per-variant hash).
+    for variant in stored["variants"].values():
+        variant["inputs_sha256"] = "0" * 64
+    del stored["data_version"]
+    legacy = EvalReport.from_dict(stored)
+    assert legacy.data_version is None and legacy.variants["candidate"] == report.variants["candidate"]
 
 
 def test_a_worse_candidate_is_not_promoted(tiny_model_dir, good_adapter, bad_adapter, encoded, splits, settings):
@@ -307,6 +314,7 @@ def test_evaluate_stage_publishes_artifacts(
 
     report, paths, flow_run_id = evaluate_stage()
     assert report["decision"]["promote"]
+    assert report["data_version"] == "test"  # the tokenized file's version, not a re-hash of its rows
     assert sorted(Path(p).name for p in paths) == ["README.md", "loss_curve.png"]
 
     # Outside a deployment the keys say so; a deployment's name prefixes its own.

@@ -9,7 +9,6 @@ with the same templating code as training, and generation is greedy and batched
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -90,7 +89,6 @@ class VariantEval:
     adapter: str | None
     metrics: dict[str, float]
     answers: list[str]
-    inputs_sha256: str
 
 
 @dataclass
@@ -102,6 +100,7 @@ class EvalReport:
     references: list[str]
     variants: dict[str, VariantEval]
     decision: Decision
+    data_version: str | None = None  # the tokenized dataset's version: it names rows, template and tokenizer
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +120,7 @@ class EvalReport:
             },
             "questions": self.questions,
             "references": self.references,
+            "data_version": self.data_version,
             **self.extra,
         }
 
@@ -136,9 +136,14 @@ class EvalReport:
             "variants",
             "questions",
             "references",
+            "data_version",
         }
+        fields = {"name", "adapter", "answers"}  # reports of older bundles also carry a per-variant inputs hash
         variants = {
-            name: VariantEval(**{**v, "metrics": {k: math.nan if x is None else x for k, x in v["metrics"].items()}})
+            name: VariantEval(
+                **{k: x for k, x in v.items() if k in fields},
+                metrics={k: math.nan if x is None else x for k, x in v["metrics"].items()},
+            )
             for name, v in data["variants"].items()
         }
         return cls(
@@ -149,6 +154,7 @@ class EvalReport:
             references=list(data["references"]),
             variants=variants,
             decision=Decision(**data["decision"]),
+            data_version=data.get("data_version"),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -156,16 +162,6 @@ class EvalReport:
 def _finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
     """Strict JSON has no NaN or Infinity; the decision's reason names any non-finite metric."""
     return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def _fingerprint(data: Mapping[str, Sequence[Encoded]], prompts: Sequence[list[int]]) -> str:
-    h = hashlib.sha256()
-    for split in LOSS_SPLITS:
-        for e in data.get(split, ()):
-            h.update(f"{split}:{e.input_ids}:{e.loss_mask}\n".encode())
-    for p in prompts:
-        h.update(f"prompt:{p}\n".encode())
-    return h.hexdigest()
 
 
 def evaluate_variant(
@@ -178,7 +174,7 @@ def evaluate_variant(
     cfg: EvaluationConfig,
     adapter: str | None = None,
 ) -> VariantEval:
-    """Loss per split and generation metrics for one loaded model; the inputs' hash is recorded."""
+    """Loss per split and generation metrics for one loaded model."""
     metrics: dict[str, float] = {}
     for split, prefix in LOSS_SPLITS.items():
         examples = data.get(split)
@@ -190,7 +186,7 @@ def evaluate_variant(
         metrics[f"{prefix}_tokens"] = float(result["n_tokens"])
     answers = generate_from_tokens(model, tokenizer, prompts, cfg.max_tokens, cfg.generation_batch_size)
     metrics.update(answer_metrics(answers, references, cfg))
-    return VariantEval(name, adapter, metrics, answers, _fingerprint(data, prompts))
+    return VariantEval(name, adapter, metrics, answers)
 
 
 def evaluate_candidate(
@@ -201,8 +197,11 @@ def evaluate_candidate(
     settings: Settings,
     champion_dir: Path | str | None = None,
     progress: Callable[[str], None] | None = None,
+    data_version: str | None = None,
 ) -> EvalReport:
     """Evaluate base, champion (when given) and candidate on identical inputs, and decide promotion.
+
+    ``data_version`` (the tokenized dataset's version) is recorded as what the variants were measured on.
 
     ``data`` maps split names to encoded examples; loss is measured on "valid" (val_loss) and "test";
     ``rows`` maps split names to chat rows; generation uses the first non-empty of
@@ -258,6 +257,7 @@ def evaluate_candidate(
         references=[ref for _, ref in pairs],
         variants=variants,
         decision=decision,
+        data_version=data_version,
     )
 
 

@@ -96,7 +96,14 @@ def evaluate_run(
     data = {name: tokenized.splits[name].encoded() for name in EVAL_SPLITS}
     rows = {name: splits.rows(name) for name in EVAL_SPLITS}
     return evaluate_candidate(
-        str(model_path), Path(adapter_dir), data, rows, settings, champion_dir=champion_dir, progress=progress
+        str(model_path),
+        Path(adapter_dir),
+        data,
+        rows,
+        settings,
+        champion_dir=champion_dir,
+        progress=progress,
+        data_version=tokenized.version,
     )
 
 
