@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli.data import app
-from finetune.config import DatasetConfig, TemplateConfig
+from finetune.config import DatasetConfig, TemplateConfig, load_settings
 from finetune.data import (
     DataError,
     Splits,
@@ -21,6 +21,7 @@ from finetune.data import (
 )
 from finetune.data.report import REPORT_JSON, REPORT_MD, build_report, report_markdown, write_report
 from finetune.data.templating import chat_template_of, encode_row, load_tokenizer
+from finetune.pipeline import stages
 
 
 @pytest.fixture(scope="module")
@@ -125,27 +126,33 @@ def test_report_counts_duplicates_overlap_truncation_and_padding(tmp_path: Path,
     assert md_path.name == REPORT_MD and json.loads(json_path.read_text())["dataset_version"] == splits.version()
 
 
-def run_check(*args: str, model: Path):
-    return CliRunner().invoke(app, ["check", *args, "--set", f"model.path={model}"])
+def run_check(*args: str, model: Path, work_dir: Path):
+    return CliRunner().invoke(app, ["check", *args, "--set", f"model.path={model}", "--set", f"work_dir={work_dir}"])
 
 
 def test_data_check_prints_the_report(tmp_path: Path, tiny_model_dir: Path) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", [chat(f"Capital {i}?", f"City {i}.") for i in range(20)])
-    result = run_check(str(src), "--out", str(tmp_path / "out"), model=tiny_model_dir)
+    work = tmp_path / "work"
+    result = run_check(str(src), "--out", str(tmp_path / "out"), model=tiny_model_dir, work_dir=work)
     assert result.exit_code == 0, result.output
     assert "# Data report" in result.output and "| train | 16 | 0 |" in result.output
     assert (tmp_path / "out" / REPORT_JSON).is_file() and (tmp_path / "out" / REPORT_MD).is_file()
-    as_json = run_check(str(src), "--json", "--rows-only", model=tiny_model_dir)
+    as_json = run_check(str(src), "--json", "--rows-only", model=tiny_model_dir, work_dir=work)
     assert json.loads(as_json.output)["rows"] == {"train": 16, "valid": 2, "test": 2}
+
+    # The check ran the run's own stages: a run on this data finds its rows and tokens already built.
+    settings = load_settings(None, [f"dataset.source={src}", f"model.path={tiny_model_dir}", f"work_dir={work}"])
+    fetched, tokens = stages.prepare_data(settings, tiny_model_dir)
+    assert tokens.reused and fetched.version == json.loads(as_json.output)["dataset_version"]
 
 
 def test_data_check_exit_codes_for_bad_rows(tmp_path: Path, tiny_model_dir: Path) -> None:
     lines = "".join(json.dumps(chat(f"Q{i}?", f"A{i}.")) + "\n" for i in range(10)) + '{"messages": []}\n'
     src = tmp_path / "bad.jsonl"
     src.write_text(lines)
-    failed = run_check(str(src), model=tiny_model_dir)
+    failed = run_check(str(src), model=tiny_model_dir, work_dir=tmp_path / "work")
     assert failed.exit_code == 2 and f"{src}:11: messages must be a non-empty list" in failed.output
-    listed = run_check(str(src), "--keep-going", model=tiny_model_dir)
+    listed = run_check(str(src), "--keep-going", model=tiny_model_dir, work_dir=tmp_path / "work")
     assert listed.exit_code == 1 and f"- {src}:11: messages must be a non-empty list" in listed.output
-    missing = run_check(str(tmp_path / "nope.jsonl"), model=tiny_model_dir)
+    missing = run_check(str(tmp_path / "nope.jsonl"), model=tiny_model_dir, work_dir=tmp_path / "work")
     assert missing.exit_code == 2 and "no such file or directory" in missing.output

@@ -36,24 +36,30 @@ def check(
         Path | None, typer.Option("--out", help="Also write data_report.md and data_report.json to this directory.")
     ] = None,
 ) -> None:
-    """Validate every row and print the data report; exit 1 if rows had to be skipped, 2 on an error."""
+    """Validate every row and print the data report; exit 1 if rows had to be skipped, 2 on an error.
+
+    The same stages as a run, into the same work_dir caches: a run on this data reuses what the check built.
+    """
     from finetune.config import ConfigError, load_settings
-    from finetune.data import DataError, load_splits, tokenize_splits
+    from finetune.data import DataError, Splits, read_tokenized
     from finetune.data.report import build_report, report_markdown, write_report
-    from finetune.data.templating import TemplateError, load_tokenizer
-    from finetune.model.resolve import resolve_model
+    from finetune.data.templating import TemplateError
+    from finetune.pipeline import stages
     from finetune.store import StorageError
 
     try:
         settings = load_settings(config, [*(overrides or []), f"dataset.source={json.dumps(source)}"])
         if keep_going:
             settings.dataset.on_bad_row = "skip"
-        splits = load_splits(settings.dataset, settings.storage)
+        fetched = stages.fetch_dataset(settings.dataset, settings.storage, settings.work_dir)
         data = None
         if not rows_only:
-            model = resolve_model(settings.model.path, settings.model.revision, settings.work_dir, settings.model.dtype)
-            data = tokenize_splits(splits, load_tokenizer(model), settings.template, settings.dataset.on_bad_row)
-        report = build_report(splits, data, settings.training.batch_size)
+            on_bad_row = settings.dataset.on_bad_row
+            tokens, data = stages.tokenize_dataset(
+                fetched.directory, stages.model_dir(settings), settings.template, on_bad_row, settings.work_dir
+            )
+            data = data or read_tokenized(tokens.path)
+        report = build_report(Splits.open(fetched.directory), data, settings.training.batch_size)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             write_report(report, out)
