@@ -6,7 +6,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def enter_worker_dir() -> Path | None:
 def log_late_start(grace: timedelta = LATE_AFTER) -> timedelta | None:
     """Warn when this flow run started well after its scheduled time; returns the delay."""
     scheduled = flow_run.scheduled_start_time
-    late = lateness(scheduled, datetime.now(timezone.utc), grace)
+    late = lateness(scheduled, datetime.now(UTC), grace)
     if late is not None:
         get_run_logger().warning(late_start_message(scheduled, late))
     return late

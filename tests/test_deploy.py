@@ -6,7 +6,7 @@ import fnmatch
 import json
 import os
 import plistlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -112,7 +112,7 @@ def test_a_base_model_revision_is_a_change() -> None:
 def test_only_the_most_recent_publication_counts(tmp_path: Path) -> None:
     """Unchanged since an older run but not since the last one: the data moved on, then back; train."""
     store = LocalStore(tmp_path / "store")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     publish(store, tmp_path, "run-old", dataset_version="d1")
     publish(store, tmp_path, "run-new", dataset_version="d2")
     set_mtime(store, "run-old", now - timedelta(hours=2))
@@ -126,7 +126,7 @@ def test_same_second_publications_are_ordered_by_manifest_time(tmp_path: Path) -
     store = LocalStore(tmp_path / "store")
     publish(store, tmp_path, "run-b", dataset_version="d1", note="first")
     publish(store, tmp_path, "run-a", dataset_version="d2", note="second")
-    same = datetime.now(timezone.utc).replace(microsecond=0)
+    same = datetime.now(UTC).replace(microsecond=0)
     for run_id in ("run-a", "run-b"):
         set_mtime(store, run_id, same)
     manifests = {m: json.loads((store.root / "runs" / m / "manifest.json").read_text()) for m in ("run-a", "run-b")}
@@ -156,7 +156,7 @@ def test_skipped_result_is_a_completed_state_that_names_the_published_run(tmp_pa
 
 
 def test_lateness() -> None:
-    scheduled = datetime(2026, 1, 1, 2, 30, tzinfo=timezone.utc)
+    scheduled = datetime(2026, 1, 1, 2, 30, tzinfo=UTC)
     grace = timedelta(minutes=1)
     assert lateness(scheduled, scheduled + timedelta(seconds=59), grace) is None
     assert lateness(scheduled, scheduled - timedelta(hours=1), grace) is None

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -438,7 +438,7 @@ def test_flow_run_sends_heartbeats(first_run, api) -> None:
 def test_late_retrain_on_unchanged_data_is_skipped(first_run, deployed, api, s3_endpoint) -> None:
     """retrain-nightly, 3 h late (a Mac that slept), same data, model and config: Skipped, nothing trained."""
     params = {**first_run["params"], "run_id": "e2e-nightly"}
-    scheduled = datetime.now(timezone.utc) - timedelta(hours=3)
+    scheduled = datetime.now(UTC) - timedelta(hours=3)
     with client() as c:
         run = c.create_flow_run_from_deployment(
             deployed["retrain-nightly"], parameters=params, state=Scheduled(scheduled_time=scheduled)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -176,7 +176,7 @@ def test_gc_deletes_only_old_unreferenced_attempts(store, tmp_path):
     store.put_bytes("runs/a/attempts/failed-1/adapters.safetensors", b"x")
     store.put_bytes("runs/b/attempts/failed-2/adapters.safetensors", b"x")
     assert gc(store, timedelta(hours=1)).deleted_attempts == []  # too young
-    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    later = datetime.now(UTC) + timedelta(hours=2)
     dry = gc(store, timedelta(hours=1), now=later, dry_run=True)
     assert sorted(dry.deleted_attempts) == ["a/failed-1", "b/failed-2"] and len(store.list("runs/b/")) == 1
     report = gc(store, timedelta(hours=1), now=later)
@@ -285,6 +285,6 @@ def test_gc_aborts_old_incomplete_uploads(store, cfg, tmp_path):
     if not cfg.uri.startswith("s3://"):  # moto reports every upload as initiated in 2010: no age to test there
         before = pending()
         assert gc(store, timedelta(hours=1)).aborted_uploads == 0 and pending() == before  # too young
-    report = gc(store, timedelta(hours=1), now=datetime.now(timezone.utc) + timedelta(hours=2))
+    report = gc(store, timedelta(hours=1), now=datetime.now(UTC) + timedelta(hours=2))
     assert report.aborted_uploads == 1
     assert pending() == ({"elsewhere/big.bin"} if cfg.uri.startswith("s3://") else set())

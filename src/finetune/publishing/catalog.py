@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune.layout import RUNS_DIR
@@ -81,7 +81,7 @@ def gc(store: Store, older_than: timedelta, *, dry_run: bool = False, now: datet
     A published bundle (the attempt its manifest names) is never deleted. The age guard
     protects attempts still uploading; keep it longer than a publish takes.
     """
-    cutoff = (now or datetime.now(timezone.utc)) - older_than
+    cutoff = (now or datetime.now(UTC)) - older_than
     deleted: list[str] = []
     deleted_objects = kept = 0
     for run_id, infos in _group_runs(store).items():

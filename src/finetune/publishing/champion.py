@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune.errors import PublishError, StorageError
@@ -80,7 +80,7 @@ def _swap_champion(store: Store, run_id: str, fields: dict[str, Any], decide: De
             "run_id": run_id,
             "manifest_key": manifest_key(run_id),
             "reason": reason,
-            "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "write_id": write_id,
             "previous": {k: previous.get(k) for k in ("run_id", "metric", "score")} if previous else None,
         }

@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,7 +243,7 @@ def publish_run(
             "format": MANIFEST_FORMAT,
             "run_id": run_id,
             "attempt_id": attempt_id,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": {name: {"key": keys[name], "sha256": d.sha256, "size": d.size} for name, d in digests.items()},
         }
         written = _write_manifest(store, run_id, attempt_id, manifest, digests)

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from finetune.config import StorageConfig
@@ -156,7 +156,7 @@ class LocalStore(Store):
             return None
         if not path.is_file():
             return None
-        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def list(self, prefix=""):
         if not self.root.is_dir():
@@ -172,7 +172,7 @@ class LocalStore(Store):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     st = path.stat()
-                    result.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+                    result.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
         return sorted(result, key=lambda info: info.key)
 
     def delete(self, key):
@@ -194,7 +194,7 @@ class LocalStore(Store):
         removed = 0
         tmp_dir = self.root / self._TMP
         for path in tmp_dir.iterdir() if tmp_dir.is_dir() else ():
-            if datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < before:
+            if datetime.fromtimestamp(path.stat().st_mtime, UTC) < before:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
