@@ -22,13 +22,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 STARTUP_TIMEOUT = 240.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -144,8 +146,31 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 @pytest.fixture
 def prefect_server_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
     """The session's server, with this process's Prefect client pointed at it for the test."""
+    with api_of(prefect_server) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def api_of(server: PrefectServer) -> Iterator[PrefectServer]:
+    """This process's Prefect client calls go to ``server`` (a module-scoped fixture wraps this)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
-        yield prefect_server
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        yield server
         drain_prefect_workers()
+
+
+def client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
+    """``condition()``'s first truthy value, polled every ``interval`` s; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return value

@@ -12,11 +12,12 @@ every HTTP attempt that reached it, so tests can count attempts exactly.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -331,6 +332,25 @@ def raw_client(endpoint_url: str | None = None, key: str | None = None):
 
     creds = {"access_key_id": key, "secret_access_key": key} if key else {}
     return s3_client(StorageConfig(region="us-east-1", endpoint_url=endpoint_url, addressing_style="path", **creds))
+
+
+@contextlib.contextmanager
+def bucket_endpoint(host_and_port: tuple[str, int], bucket: str, credentials: dict[str, str]) -> Iterator[str]:
+    """moto's URL with ``bucket`` created, and ``credentials`` in os.environ until exit (for subprocesses)."""
+    import os
+
+    import boto3
+
+    host, port = host_and_port
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in credentials}
+    os.environ.update(credentials)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield url
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

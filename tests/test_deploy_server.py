@@ -11,23 +11,20 @@ clones the deployed commit and installs it (prefect.yaml's pull steps).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID, uuid4
 
 import boto3
 import pytest
 from prefect import flow
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -42,16 +39,14 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.concurrency.sync import concurrency
 from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
-from prefect_server import PrefectServer, drain_prefect_workers  # noqa: E402
-from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
-from worker_env import clean_worker_python, deploying_clone, git
+from prefect_server import PrefectServer, api_of, client, drain_prefect_workers, wait_for  # noqa: E402
+from s3faults import bucket_endpoint, moto_server  # noqa: F401  (module-scoped fixture)
+from worker_env import clean_worker_python, deploying_clone, git, process_worker, worker_environment
 
 from finetune.config import StorageConfig, load_settings  # noqa: E402
 from finetune.publishing import fetch_bundle, read_manifest  # noqa: E402
 from finetune.store import open_store  # noqa: E402
-from finetune.train.blas import openblas_library  # noqa: E402
 from tasks.schedule import MACHINE_SLOT, TRAINING_SLOT_ENV, training_slot, training_slot_name  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -73,25 +68,9 @@ BLOCK_CREDENTIALS = {"access_key_id": "AKIABLOCKTESTMARKER", "secret_access_key"
 PARAMETER_MARKER = "param-test-secret-marker"
 MARKERS = [*CREDENTIALS.values()][:2] + [*BLOCK_CREDENTIALS.values(), PARAMETER_MARKER]
 TIMINGS: dict[str, float] = {}
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def client() -> SyncPrefectClient:
-    return get_client(sync_client=True)
 
 
 def read_run(run_id: UUID) -> FlowRun:
@@ -182,21 +161,14 @@ def report_timings() -> Iterator[None]:
 @pytest.fixture(scope="module", autouse=True)
 def api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
     """This module's Prefect client calls go to the session's real server (module fixtures included)."""
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
-        yield prefect_server
-        drain_prefect_workers()
+    with api_of(prefect_server) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(moto_server) -> Iterator[str]:  # noqa: F811
-    host, port = moto_server
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    with bucket_endpoint(moto_server, BUCKET, CREDENTIALS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -247,40 +219,19 @@ def worker(deployed, prefect_server: PrefectServer, s3_endpoint: str, tmp_path_f
     home = root / "home"
     home.mkdir()
     log = root / "worker.log"
-    extra = {"PREFECT_WORKER_QUERY_SECONDS": "2", "HOME": str(home), **CREDENTIALS}
-    if openblas := openblas_library():
-        extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
-    env = {k: v for k, v in prefect_server.env(**extra).items() if k != "PYTHONPATH"}  # nothing of this checkout
+    env = worker_environment(prefect_server.env, home, PREFECT_WORKER_QUERY_SECONDS="2", **CREDENTIALS)
     started = time.monotonic()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [python, "-m", "prefect", "worker", "start", "--pool", "mac-mlx", "--type", "process", "--limit", "1"],
-            env=env,
-            cwd=home,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
 
     def online() -> bool:
         with client() as c:
             return any(w.status.value == "ONLINE" for w in c.read_workers_for_work_pool("mac-mlx"))
 
-    try:
+    with process_worker(python, env, home, log) as process:
         wait_for(lambda: process.poll() is not None or online(), 180, "the worker to come online")
         assert process.poll() is None, log.read_text()[-4000:]
         TIMINGS["worker start until online"] = time.monotonic() - started
         yield root
-    finally:
-        # The worker shuts down on SIGINT; it ignored a plain SIGTERM here.
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        print(f"\nworker log tail:\n{log.read_text(errors='replace')[-3000:]}")
+    print(f"\nworker log tail:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ runs are the reference for the resumed one's per-step losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,10 +20,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import boto3
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -33,17 +32,15 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
-from prefect_server import PrefectServer, drain_prefect_workers
-from s3faults import moto_server  # noqa: F401  (module-scoped fixture)
-from worker_env import clean_worker_python, deploying_clone, git
+from prefect_server import PrefectServer, api_of, client, wait_for
+from s3faults import bucket_endpoint, moto_server  # noqa: F401  (module-scoped fixture)
+from worker_env import clean_worker_python, deploying_clone, git, process_worker, worker_environment
 
 from finetune.config import StorageConfig
 from finetune.layout import TRAIN_EVENTS_FILE, TRAIN_RESULT_FILE
 from finetune.publishing import read_champion, read_manifest
 from finetune.store import open_store
-from finetune.train.blas import openblas_library
 from finetune.train.outputs import read_history
 
 pytestmark = pytest.mark.slow
@@ -58,19 +55,6 @@ CREDENTIALS = {
 }
 LEARNING_RATES = [1e-4, 3e-3]
 TIMINGS: dict[str, float] = {}
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
-def client():
-    return get_client(sync_client=True)
 
 
 def sweep_yaml(path: Path, name: str, work: Path, endpoint: str, grid: dict[str, list[Any]]) -> Path:
@@ -182,21 +166,14 @@ def report_timings() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
-        yield prefect_server
-        drain_prefect_workers()
+    with api_of(prefect_server) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def endpoint(moto_server) -> Iterator[str]:  # noqa: F811
-    host, port = moto_server
-    url = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield url
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    with bucket_endpoint(moto_server, BUCKET, CREDENTIALS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -222,61 +199,25 @@ def workers(api: PrefectServer, endpoint: str, tmp_path_factory) -> Iterator[dic
         trial = c.read_deployment_by_name("finetune-pipeline/sweep-trial")
     assert trial.job_variables["env"]["FINETUNE_TRAINING_SLOT"] == ""
     TIMINGS["provision + prefect deploy --all"] = time.monotonic() - started
-    extra = {"PREFECT_WORKER_QUERY_SECONDS": "1", **CREDENTIALS}
-    if openblas := openblas_library():
-        extra["LD_PRELOAD"] = openblas
     procs: dict[str, subprocess.Popen] = {}
     logs_: dict[str, Path] = {}
-    for name in ("mac-a", "mac-b"):
-        root = tmp_path_factory.mktemp(name)
-        python = clean_worker_python(root)
-        (root / "home").mkdir()
-        env = {k: v for k, v in api.env(HOME=str(root / "home"), **extra).items() if k != "PYTHONPATH"}
-        logs_[name] = root / "worker.log"
-        with open(logs_[name], "wb") as out:
-            procs[name] = subprocess.Popen(
-                [
-                    python,
-                    "-m",
-                    "prefect",
-                    "worker",
-                    "start",
-                    "--pool",
-                    "mac-mlx",
-                    "--type",
-                    "process",
-                    "--limit",
-                    "1",
-                    "--name",
-                    name,
-                    "--work-queue",
-                    "default",
-                ],
-                env=env,
-                cwd=root / "home",
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+    with contextlib.ExitStack() as stack:
+        for name in ("mac-a", "mac-b"):
+            root = tmp_path_factory.mktemp(name)
+            python, logs_[name] = clean_worker_python(root), root / "worker.log"
+            (root / "home").mkdir()
+            env = worker_environment(api.env, root / "home", PREFECT_WORKER_QUERY_SECONDS="1", **CREDENTIALS)
+            options = ("--name", name, "--work-queue", "default")
+            procs[name] = stack.enter_context(process_worker(python, env, root / "home", logs_[name], *options))
 
-    def online() -> bool:
-        with client() as c:
-            return {w.name for w in c.read_workers_for_work_pool("mac-mlx") if w.status.value == "ONLINE"} >= set(procs)
+        def online() -> bool:
+            with client() as c:
+                workers = c.read_workers_for_work_pool("mac-mlx")
+                return {w.name for w in workers if w.status.value == "ONLINE"} >= set(procs)
 
-    try:
-        wait_for(online, 180, "both workers to come online")
+        wait_for(online, 180, "both workers to come online", interval=0.5)
         TIMINGS["workers online"] = time.monotonic() - started
         yield {"procs": procs, "logs": logs_}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 @pytest.fixture(scope="module")

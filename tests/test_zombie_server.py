@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
 from uuid import UUID, uuid4
 
 import pytest
 from prefect import flow
-from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import StateType
 from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.states import Cancelled, Completed, Crashed, Failed, Paused, Running, State
-from prefect_server import PrefectServer
+from prefect_server import PrefectServer, client, wait_for
 
 from deployments.provision import zombie_automation
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
-def client() -> SyncPrefectClient:
-    return get_client(sync_client=True)
 
 
 @flow(name="zombie-probe")

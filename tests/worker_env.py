@@ -5,16 +5,22 @@ test) into a fresh clone whose ``origin`` is a local bare repository, as a user'
 the project's remote would be. ``clean_worker_python`` is a virtual environment without
 finetune: it sees the test venv's third-party packages (prefect, mlx, ...) through a path
 entry, not its ``.pth`` files, so the editable install of this checkout stays invisible and
-the flow run can only import what the pull step installed.
+the flow run can only import what the pull step installed. ``process_worker`` runs a
+``prefect worker`` on the pool from such an environment and stops it afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import Popen
 
 REPO = Path(__file__).resolve().parents[1]
 GIT_ID = ["-c", "user.name=finetune tests", "-c", "user.email=tests@finetune.invalid"]
@@ -66,3 +72,39 @@ def clean_worker_python(root: Path) -> Path:
     ).stdout.strip()
     assert found == "None", f"the clean worker venv already sees finetune: {found}"
     return python
+
+
+def worker_environment(server_env: Callable[..., dict[str, str]], home: Path, **extra: str) -> dict[str, str]:
+    """A worker's environment: the server's, its own HOME, OpenBLAS where Debian has it, nothing of this checkout."""
+    from finetune.train.blas import openblas_library
+
+    if openblas := openblas_library():
+        extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
+    return {k: v for k, v in server_env(HOME=str(home), **extra).items() if k != "PYTHONPATH"}
+
+
+@contextlib.contextmanager
+def process_worker(python: Path, env: dict[str, str], home: Path, log: Path, *options: str) -> Iterator[Popen]:
+    """``prefect worker start --pool mac-mlx --type process --limit 1 OPTIONS`` in ``home``; stopped on exit."""
+    command = [str(python), "-m", "prefect", "worker", "start", "--pool", "mac-mlx", "--type", "process"]
+    with open(log, "wb") as out:
+        process = Popen(
+            [*command, "--limit", "1", *options],
+            env=env,
+            cwd=home,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            # The worker shuts down on SIGINT; it ignored a plain SIGTERM here.
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
