@@ -23,13 +23,13 @@ from finetune.config import (
     TemplateConfig,
     TrainingConfig,
 )
-from finetune.evaluation.report import examples_of
+from finetune.pipeline.results import Promotion, Scorecard
 from finetune.pipeline.summary import (
     already_published,
     bundle_metrics,
     manifest_fields,
+    run_summary,
     settings_from_sections,
-    training_summary,
 )
 from tasks.bundle import assemble_bundle
 from tasks.data import fetch_dataset, report_dataset, template_dataset
@@ -42,7 +42,6 @@ from tasks.publish import (
     find_published_run,
     promote_candidate,
     publish_bundle,
-    report_of_manifest,
     trial_storage,
 )
 from tasks.schedule import (
@@ -116,50 +115,48 @@ def finetune_pipeline(
     if done := find_published_run(publish_to, run_id):
         # Published by an earlier attempt that may have failed before (or while) promoting: decide now.
         if sweep_id:
-            promotion = {"promoted": False, "reason": f"trial of sweep {sweep_id}: the sweep promotes its winner"}
+            promotion = Promotion.left_to_sweep(sweep_id)
         else:
-            report = report_of_manifest(done)
-            promotion = promote_candidate(settings.storage, run_id, report, settings.evaluation.promotion_margin)
+            scorecard = Scorecard.of_manifest(done.manifest)
+            promotion = promote_candidate(settings.storage, run_id, scorecard, settings.evaluation.promotion_margin)
         return already_published(done, run_dir, store_uri, promotion)
     model_path = resolve_model(settings.model.path, settings.model.revision, work_dir, settings.model.dtype)
 
     fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
     # Scheduled and triggered runs (retrain-nightly sets it) skip; a run someone asked for trains.
-    if skip_if_unchanged and not force and (previous := check_unchanged(settings, fetched["version"])):
+    if skip_if_unchanged and not force and (previous := check_unchanged(settings, fetched.version)):
         return nothing_changed(previous, store_uri)
-    tokens = template_dataset(
-        fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir
-    )
-    report_dataset(fetched["directory"], tokens["path"], run_dir, settings.training.batch_size)
+    tokens = template_dataset(fetched.directory, model_path, settings.template, settings.dataset.on_bad_row, work_dir)
+    report_dataset(fetched.directory, tokens.path, run_dir, settings.training.batch_size)
 
     with training_slot():
-        trained = train_with_retries(settings, model_path, tokens["path"], run_dir, fresh=fresh)
+        trained = train_with_retries(settings, model_path, tokens.path, run_dir, fresh=fresh)
 
     champion = champion_bundle(settings.storage, work_dir)
     report = evaluate_adapter(
         model_path,
-        trained["adapter_dir"],
-        tokens["path"],
-        fetched["directory"],
+        trained.adapter_dir,
+        tokens.path,
+        fetched.directory,
         settings,
         run_id,
-        champion_dir=champion["path"] if champion else None,
+        champion_dir=champion.path if champion else None,
     )
 
     bundle_uri = layout.run_ref(store_uri, run_id)
     reports = write_reports(
         report,
-        trained["history"],
+        trained.history,
         run_dir,
         base_model=settings.model.path,
-        data_version=fetched["version"],
+        data_version=fetched.version,
         hyperparameters={"lora": settings.lora.model_dump(), "training": settings.training.model_dump()},
         run_id=run_id,
         bundle_uri=bundle_uri,
     )
     bundle_dir = assemble_bundle(
         run_dir,
-        trained["adapter_dir"],
+        trained.adapter_dir,
         model_path,
         settings.template,
         settings.public_dict(),
@@ -167,27 +164,25 @@ def finetune_pipeline(
         reports,
     )
     exports = export_formats(bundle_dir, settings) if settings.export.formats else []
-    fields = manifest_fields(settings, fetched["version"], tokens["version"], report, champion)
-    published = publish_bundle(publish_to, run_id, bundle_dir, {**fields, "exports": exports})
+    fields = manifest_fields(settings, fetched, tokens, report, champion, exports)
+    published = publish_bundle(publish_to, run_id, bundle_dir, fields)
     if sweep_id:
-        promotion = {"promoted": False, "reason": f"trial of sweep {sweep_id}: the sweep promotes its winner"}
+        promotion = Promotion.left_to_sweep(sweep_id)
     else:
-        promotion = promote_candidate(
-            settings.storage, run_id, report, settings.evaluation.promotion_margin, champion and champion["run_id"]
-        )
-    link_bundle(publish_to, published["uri"], run_id, promotion["promoted"])
+        scorecard = Scorecard.of_report(report)
+        margin = settings.evaluation.promotion_margin
+        promotion = promote_candidate(settings.storage, run_id, scorecard, margin, champion and champion.run_id)
+    link_bundle(publish_to, published.uri, run_id, promotion.promoted)
 
-    return {
-        "run_id": run_id,
-        "run_dir": run_dir,
-        "store": store_uri,
-        "bundle_uri": published["uri"],
-        "model_path": model_path,
-        "dataset_version": fetched["version"],
-        "metrics": report["metrics"],
-        "promoted": promotion["promoted"],
-        "promotion_reason": promotion["reason"],
-        "training": training_summary(trained),
-        "exports": [{"format": e["format"], "path": e["path"], "verification": e["verification"]} for e in exports],
-        "examples": examples_of(report),
-    }
+    return run_summary(
+        run_id=run_id,
+        run_dir=run_dir,
+        store_uri=store_uri,
+        model_path=model_path,
+        fetched=fetched,
+        trained=trained,
+        report=report,
+        published=published,
+        promotion=promotion,
+        exports=exports,
+    )

@@ -96,7 +96,7 @@ def prepare_data(sweep: Sweep, work_dir: str) -> None:
         settings = sweep.settings(group[0])
         model_path = resolve_model(settings.model.path, settings.model.revision, work_dir)
         fetched = fetch_dataset(settings.dataset, settings.storage, work_dir)
-        template_dataset(fetched["directory"], model_path, settings.template, settings.dataset.on_bad_row, work_dir)
+        template_dataset(fetched.directory, model_path, settings.template, settings.dataset.on_bad_row, work_dir)
 
 
 def publish_results(sweep: Sweep, outcomes: list[TrialOutcome], best: TrialOutcome | None, work_dir: str) -> dict:
@@ -107,12 +107,12 @@ def publish_results(sweep: Sweep, outcomes: list[TrialOutcome], best: TrialOutco
     result: dict[str, Any] = {"published": {}, "promoted": False, "promotion_reason": "no trial passed the gate"}
     for o in chosen:
         staged = staged_bundle(staging, o.trial.run_id, work_dir)
-        published = publish_bundle(storage, o.trial.run_id, staged["path"], staged["fields"])
-        result["published"][o.trial.run_id] = published["uri"]
+        published = publish_bundle(storage, o.trial.run_id, staged.path, staged.fields)
+        result["published"][o.trial.run_id] = published.uri
         if o is best:
             margin = sweep.settings(o.trial).evaluation.promotion_margin
-            promotion = promote_candidate(storage, o.trial.run_id, staged["report"], margin, staged["champion_run_id"])
-            result.update(promoted=promotion["promoted"], promotion_reason=promotion["reason"])
+            promotion = promote_candidate(storage, o.trial.run_id, staged.scorecard, margin, staged.champion_run_id)
+            result.update(promoted=promotion.promoted, promotion_reason=promotion.reason)
     return result
 
 

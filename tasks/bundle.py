@@ -16,7 +16,7 @@ from finetune.publishing.bundle import build_bundle
 @task(name="build-bundle", cache_policy=NO_CACHE, result_serializer="json")
 def assemble_bundle(
     run_dir: str,
-    adapter_dir: str,
+    adapter_dir: Path | str,
     model_path: str,
     template: TemplateConfig,
     config: dict[str, Any],

@@ -1,7 +1,7 @@
 """Prefect tasks for the data stages: fetch + validate, template once (cached by version), report.
 
-Results are small JSON dicts of versions and paths (never pickles); the
-training child reads the tokenized file by path.
+Results are the library's typed records (``finetune.pipeline.results``), stored with
+Prefect's JSON serializer (never pickles); the training child reads the tokenized file by path.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from finetune.data.report import build_report, report_markdown, write_report
 from finetune.errors import FetchError
 from finetune.layout import BUILD_ID_FILE, TOKENIZED_FILE
 from finetune.pipeline import stages
+from finetune.pipeline.results import DataReport, DatasetVersion, TokenizedDataset
 from tasks.artifacts import artifact_key
 
 __all__ = ["TOKENIZED_FILE", "fetch_dataset", "report_dataset", "template_dataset"]
 REPORT_KEY = "data-report"
 CACHE_DAYS = 30
+# Part of the cache key: records of an earlier result format (plain dicts) are then never read back.
+RESULT_FORMAT = "typed"
 
 
 def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -58,8 +61,8 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     retry_delay_seconds=10,
     retry_condition_fn=_retry_transient,
 )
-def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_dir: str) -> dict[str, Any]:
-    """Fetch and validate every row; returns ``{"version", "directory", "counts", "bad_rows"}``.
+def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_dir: str) -> DatasetVersion:
+    """Fetch and validate every row into its content-addressed directory.
 
     Always runs: whether the data changed is only known after reading it.
     """
@@ -71,12 +74,7 @@ def fetch_dataset(dataset: DatasetConfig, storage: StorageConfig | None, work_di
         logger.warning(
             "skipped %d bad rows (dataset.on_bad_row=skip); first: %s", fetched.bad_rows, fetched.problems[0]
         )
-    return {
-        "version": fetched.version,
-        "directory": str(fetched.directory),
-        "counts": fetched.counts,
-        "bad_rows": fetched.bad_rows,
-    }
+    return fetched
 
 
 def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
@@ -96,12 +94,12 @@ def _tokenized_cache_key(context: TaskRunContext | None, parameters: dict[str, A
     if not (path.is_file() and build_id.is_file()):
         build_id.parent.mkdir(parents=True, exist_ok=True)
         build_id.write_text(uuid.uuid4().hex, encoding="utf-8")
-    return f"tokenized-{version}-{build_id.read_text(encoding='utf-8').strip()}"
+    return f"tokenized-{version}-{build_id.read_text(encoding='utf-8').strip()}-{RESULT_FORMAT}"
 
 
 def _log_reuse(task: Task, task_run: TaskRun, state: State) -> None:
     if state.name == "Cached":
-        task_run_logger(task_run, task).info("reusing cached tokenized dataset %s", state.result()["version"])
+        task_run_logger(task_run, task).info("reusing cached tokenized dataset %s", state.result().version)
 
 
 @task(
@@ -113,28 +111,27 @@ def _log_reuse(task: Task, task_run: TaskRun, state: State) -> None:
     on_completion=[_log_reuse],
 )
 def template_dataset(
-    dataset_dir: str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str
-) -> dict[str, Any]:
-    """Tokenize every split once per version; returns ``{"version", "dataset_version", "path"}``.
+    dataset_dir: Path | str, model_path: str, template: TemplateConfig, on_bad_row: str, work_dir: str
+) -> TokenizedDataset:
+    """Tokenize every split once per version (a cached result is read back as the same record).
 
     ``model_path`` is a local model directory (or a Hugging Face id mlx-lm can fetch).
     """
     logger = get_run_logger()
     tokens, data = stages.tokenize_dataset(dataset_dir, model_path, template, on_bad_row, work_dir)
-    result = {"version": tokens.version, "dataset_version": tokens.dataset_version, "path": str(tokens.path)}
     if data is None:
         logger.info("reusing cached tokenized dataset %s", tokens.version)
-        return result
+        return tokens
     version = tokens.version
     rows = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     logger.info("tokenized dataset %s: %s rows", version, rows)
     if data.stats["bad_rows"]:
         logger.warning("skipped %d rows while templating; first: %s", data.stats["bad_rows"], data.stats["problems"][0])
-    return result
+    return tokens
 
 
 @task(name="report-dataset", cache_policy=NO_CACHE, result_serializer="json")
-def report_dataset(dataset_dir: str, tokenized_path: str, run_dir: str, batch_size: int) -> dict[str, str]:
+def report_dataset(dataset_dir: Path | str, tokenized_path: Path | str, run_dir: str, batch_size: int) -> DataReport:
     """Write data_report.md/.json into the run directory and publish the Markdown as an artifact."""
     report = build_report(Splits.open(dataset_dir), read_tokenized(tokenized_path), batch_size)
     md, js = write_report(report, run_dir)
@@ -143,4 +140,4 @@ def report_dataset(dataset_dir: str, tokenized_path: str, run_dir: str, batch_si
         key=artifact_key(REPORT_KEY),
         description=f"run {Path(run_dir).name}: data version {report['dataset_version'][:16]}",
     )
-    return {"markdown": str(md), "json": str(js)}
+    return DataReport(Path(md), Path(js))

@@ -47,14 +47,14 @@ def publish_eval_artifacts(report: EvalReport, run_id: str, samples: int = 5) ->
 @task(name="evaluate", cache_policy=NO_CACHE, result_serializer="json")
 def evaluate_adapter(
     model_path: str,
-    adapter_dir: str,
-    tokenized_path: str,
-    dataset_dir: str,
+    adapter_dir: Path | str,
+    tokenized_path: Path | str,
+    dataset_dir: Path | str,
     settings: Settings,
     run_id: str,
-    champion_dir: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate base, champion and candidate; log and publish the decision. Returns ``EvalReport.to_dict()``."""
+    champion_dir: Path | str | None = None,
+) -> EvalReport:
+    """Evaluate base, champion and candidate; log and publish the decision."""
     logger = get_run_logger()
     report = evaluate_run(
         model_path, adapter_dir, tokenized_path, dataset_dir, settings, champion_dir, progress=logger.info
@@ -64,12 +64,12 @@ def evaluate_adapter(
         logger.info("%s: %s", name, shown)
     logger.info("gate: %s: %s", "promote" if report.decision.promote else "do not promote", report.decision.reason)
     publish_eval_artifacts(report, run_id, settings.evaluation.samples_in_report)
-    return report.to_dict()
+    return report
 
 
 @task(name="write-reports", cache_policy=NO_CACHE, result_serializer="json")
 def write_reports(
-    report: Mapping[str, Any],
+    report: EvalReport,
     history: Sequence[Mapping[str, Any]],
     out_dir: str,
     *,
@@ -95,7 +95,7 @@ def write_reports(
     paths.append(
         write_model_card(
             out / MODEL_CARD_FILE,
-            EvalReport.from_dict(report),
+            report,
             base_model=base_model,
             data_version=data_version,
             hyperparameters=hyperparameters,

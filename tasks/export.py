@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -11,20 +10,20 @@ from prefect.logging import get_run_logger
 
 from finetune.config import Settings
 from finetune.evaluation.report import add_exports_to_card
-from finetune.export import export_into_bundle
+from finetune.export import BundleExport, export_into_bundle
 from finetune.layout import MODEL_CARD_FILE
 
 
 @task(name="export-bundle", cache_policy=NO_CACHE, result_serializer="json")
-def export_formats(bundle_dir: str, settings: Settings) -> list[dict[str, Any]]:
+def export_formats(bundle_dir: str, settings: Settings) -> list[BundleExport]:
     """Write ``settings.export.formats`` into ``<bundle>/exports/`` and list them in the model card."""
     logger = get_run_logger()
-    summaries = export_into_bundle(bundle_dir, settings)
-    for summary in summaries:
+    exports = export_into_bundle(bundle_dir, settings)
+    for export in exports:
         checks = ", ".join(
             f"{name} {figures.get('max_abs_logit_error', figures.get('max_abs_error')):.3g}"
-            for name, figures in summary["verification"].items()
+            for name, figures in export.verification.items()
         )
-        logger.info("exported %s in %.1f s (max |Δ|: %s)", summary["format"], summary["seconds"], checks)
-    add_exports_to_card(Path(bundle_dir) / MODEL_CARD_FILE, summaries)
-    return summaries
+        logger.info("exported %s in %.1f s (max |Δ|: %s)", export.format, export.seconds, checks)
+    add_exports_to_card(Path(bundle_dir) / MODEL_CARD_FILE, exports)
+    return exports

@@ -27,6 +27,7 @@ from prefect.logging import get_run_logger
 
 from finetune.config import StorageConfig
 from finetune.layout import bundle_cache, run_ref
+from finetune.pipeline.results import Scorecard, StagedBundle
 from finetune.publishing import fetch_bundle, read_manifest
 from finetune.store import open_store
 from finetune.sweep import Sweep, Trial, TrialOutcome, metric_plot_png, trial_rows
@@ -146,7 +147,7 @@ def collect_outcome(trial: Trial, flow_run_id: UUID, staging: StorageConfig) -> 
 
 
 @task(name="stage-trial-bundle", cache_policy=NO_CACHE, result_serializer="json")
-def staged_bundle(staging: StorageConfig, run_id: str, work_dir: str) -> dict[str, Any]:
+def staged_bundle(staging: StorageConfig, run_id: str, work_dir: str) -> StagedBundle:
     """A trial's bundle from the sweep's staging area, verified into the local cache, with its manifest's fields."""
     store = open_store(staging)
     manifest = read_manifest(store, run_id)
@@ -155,15 +156,9 @@ def staged_bundle(staging: StorageConfig, run_id: str, work_dir: str) -> dict[st
             f"{run_ref(store.uri, run_id)}: the trial was not published to the sweep's staging area"
         )
     path = fetch_bundle(run_ref(store.uri, run_id), bundle_cache(work_dir), staging)
-    evaluation = manifest["evaluation"]
-    report = {
-        "decision": manifest["decision"],
-        "primary_metric": evaluation["metric"],
-        "higher_is_better": evaluation["higher_is_better"],
-        "metrics": manifest["metrics"],
-    }
     fields = {k: v for k, v in manifest.items() if k not in MANIFEST_OWN_FIELDS}
-    return {"path": str(path), "fields": fields, "report": report, "champion_run_id": evaluation.get("champion_run_id")}
+    champion_run_id = manifest["evaluation"].get("champion_run_id")
+    return StagedBundle(Path(path), fields, Scorecard.of_manifest(manifest), champion_run_id)
 
 
 @task(name="sweep-artifacts", cache_policy=NO_CACHE)

@@ -20,6 +20,7 @@ from prefect.states import State
 from finetune.config import Settings
 from finetune.errors import TrainingError
 from finetune.train.child import run_training_child
+from finetune.train.outputs import TrainResult
 from tasks.artifacts import artifact_key, table
 
 PROGRESS_KEY = "training-progress"
@@ -43,11 +44,11 @@ def _retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> boo
 def train_adapter(
     settings: Settings,
     model_path: str,
-    data_path: str,
+    data_path: Path | str,
     run_dir: str,
     fresh: bool = False,
-) -> dict[str, Any]:
-    """Train (or resume) the run's adapter in a child process; returns ``TrainResult.to_json()``.
+) -> TrainResult:
+    """Train (or resume) the run's adapter in a child process.
 
     ``fresh`` discards existing checkpoints on the first attempt only: a retry
     must resume from what the crashed attempt saved.
@@ -79,12 +80,12 @@ def train_adapter(
         key=artifact_key(HISTORY_KEY),
         description=f"training run {run_id}: loss, learning rate and throughput per reported step",
     )
-    return result.to_json()
+    return result
 
 
 def train_with_retries(
-    settings: Settings, model_path: str, data_path: str, run_dir: str, fresh: bool = False
-) -> dict[str, Any]:
+    settings: Settings, model_path: str, data_path: Path | str, run_dir: str, fresh: bool = False
+) -> TrainResult:
     """Run ``train_adapter`` with the retry count and backoff of ``settings.training`` (operational settings)."""
     retrying = train_adapter.with_options(
         retries=settings.training.retries, retry_delay_seconds=settings.training.retry_delay_seconds

@@ -10,6 +10,7 @@ import pytest
 
 from finetune.config import DatasetConfig, TemplateConfig
 from finetune.data import load_splits
+from finetune.pipeline.results import TokenizedDataset
 from tasks.data import TOKENIZED_FILE, _tokenized_cache_key
 
 
@@ -60,10 +61,10 @@ def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(
     def data_flow(dataset: DatasetConfig, work_dir: str, run_dir: str):
         fetched = fetch_dataset(dataset, None, work_dir)
         state = template_dataset(
-            fetched["directory"], str(tiny_model_dir), TemplateConfig(), "fail", work_dir, return_state=True
+            fetched.directory, str(tiny_model_dir), TemplateConfig(), "fail", work_dir, return_state=True
         )
         tokenized = state.result()
-        report_dataset(fetched["directory"], tokenized["path"], run_dir, 4)
+        report_dataset(fetched.directory, tokenized.path, run_dir, 4)
         return state.name, tokenized
 
     records: list[str] = []
@@ -83,7 +84,20 @@ def test_rerun_reuses_the_cached_tokenized_dataset_and_a_row_change_does_not(
     finally:
         logger.removeHandler(handler)
     assert first_state == "Completed" and second_state == "Cached" and third_state == "Completed"
-    assert second == first and third["version"] != first["version"]
-    assert f"reusing cached tokenized dataset {first['version']}" in records
-    assert not any(third["version"] in r and "reusing" in r for r in records)
+    # The cached result was read back from the JSON record Prefect persisted: the same typed record, not a dict.
+    assert isinstance(second, TokenizedDataset) and isinstance(second.path, Path)
+    assert second == first and third.version != first.version
+    assert second.path.is_file() and not first.reused
+    assert f"reusing cached tokenized dataset {first.version}" in records
+    assert not any(third.version in r and "reusing" in r for r in records)
     assert (tmp_path / "run2" / "data_report.md").is_file()
+
+    # What another process reads from the result storage (no in-memory cache): JSON that decodes to the record.
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    stored = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path / "results")))
+    paths = sorted((tmp_path / "results").iterdir())
+    raw = [json.loads(json.loads(p.read_text())["result"]) for p in paths]
+    assert [r["__class__"] for r in raw] == ["finetune.pipeline.results.TokenizedDataset"] * 2
+    assert {stored.read(p.name).result for p in paths} == {first, third}

@@ -289,7 +289,7 @@ def test_evaluate_stage_publishes_artifacts(
     tokenized = write_tokenized(tmp_path / "tokens.safetensors", encoded)
 
     @flow
-    def evaluate_stage() -> tuple[dict, list[str], str]:
+    def evaluate_stage() -> tuple[EvalReport, list[str], str]:
         report = evaluate_adapter(
             str(tiny_model_dir),
             str(good_adapter),
@@ -309,12 +309,12 @@ def test_evaluate_stage_publishes_artifacts(
             run_id="run-7",
         )
         store = tmp_path / "store"
-        link_bundle(StorageConfig(uri=str(store)), f"{store}/runs/run-7", "run-7", report["decision"]["promote"])
+        link_bundle(StorageConfig(uri=str(store)), f"{store}/runs/run-7", "run-7", report.decision.promote)
         return report, paths, str(get_run_context().flow_run.id)
 
     report, paths, flow_run_id = evaluate_stage()
-    assert report["decision"]["promote"]
-    assert report["data_version"] == "test"  # the tokenized file's version, not a re-hash of its rows
+    assert isinstance(report, EvalReport) and report.decision.promote
+    assert report.data_version == "test"  # the tokenized file's version, not a re-hash of its rows
     assert sorted(Path(p).name for p in paths) == ["README.md", "loss_curve.png"]
 
     # Outside a deployment the keys say so; a deployment's name prefixes its own.
@@ -325,12 +325,12 @@ def test_evaluate_stage_publishes_artifacts(
     rows = {row["metric"]: row for row in json.loads(table.data)}
     loss_row = rows["validation loss *"]
     for name in ("base", "champion", "candidate"):
-        assert loss_row[name] == f"{report['metrics'][name]['val_loss']:.4f}"
+        assert loss_row[name] == f"{report.variants[name].metrics['val_loss']:.4f}"
 
     samples = Artifact.get(artifact_key(SAMPLES_KEY))
     assert samples.type == "markdown" and str(samples.flow_run_id) == flow_run_id
-    assert report["decision"]["reason"] in samples.data
-    for question, reference in list(zip(report["questions"], report["references"]))[:5]:
+    assert report.decision.reason in samples.data
+    for question, reference in list(zip(report.questions, report.references))[:5]:
         assert f"**Question:** {question}" in samples.data and f"**Reference:** {reference}" in samples.data
 
     assert all(MISSING not in row.values() or row["metric"] for row in rows.values())

@@ -9,6 +9,7 @@ import pytest
 from s3faults import make_bundle, moto_server, raw_client  # noqa: F401  (moto_server is a fixture)
 
 from finetune.config import StorageConfig
+from finetune.pipeline.results import Champion, Promotion, Scorecard
 
 KEY_ID, SECRET, TOKEN = "AKIAPREFECTMARKER001", "PREFECT/MARKER/secret+0001", "PREFECTMARKERTOKEN0001"
 
@@ -37,23 +38,25 @@ def test_publish_tasks_keep_secrets_out_of_prefect(prefect_api, moto_server, tmp
         session_token=TOKEN,
     )
     bundle = make_bundle(tmp_path / "bundle")
-    report = {
-        "decision": {"promote": True, "reason": "no champion yet"},
-        "primary_metric": "val_loss",
-        "higher_is_better": False,
-        "metrics": {"candidate": {"val_loss": 1.25}},
-    }
+    scorecard = Scorecard(True, "no champion yet", "val_loss", higher_is_better=False, score=1.25)
 
     @flow
     def publish_stage(storage: StorageConfig, bundle_dir: str, run_id: str) -> dict:
         published = publish_bundle(storage, run_id, bundle_dir, {"evaluation": {"metric": "val_loss", "score": 1.25}})
-        promotion = promote_candidate(storage, run_id, report, 0.0, None)
+        promotion = promote_candidate(storage, run_id, scorecard, 0.0, None)
         champion = champion_bundle(storage, str(tmp_path / "work"))
-        create_link_artifact(link=published["uri"], link_text=f"bundle of run {run_id}", key="published-bundle")
-        return {**published, **promotion, "champion": champion, "flow_run_id": str(get_run_context().flow_run.id)}
+        create_link_artifact(link=published.uri, link_text=f"bundle of run {run_id}", key="published-bundle")
+        return {
+            "uri": published.uri,
+            "promotion": promotion,
+            "champion": champion,
+            "flow_run_id": str(get_run_context().flow_run.id),
+        }
 
     result = publish_stage(storage, str(bundle), "prefect-run")
-    assert result["promoted"] and result["champion"]["run_id"] == "prefect-run"
+    assert result["promotion"] == Promotion(True, "no champion yet; val_loss 1.25")
+    assert isinstance(result["champion"], Champion) and result["champion"].run_id == "prefect-run"
+    assert (result["champion"].path / "adapters.safetensors").is_file()
     assert result["uri"] == f"s3://{bucket}/team/runs/prefect-run"
     APILogHandler().flush()
 

@@ -13,6 +13,7 @@ import pytest
 
 from finetune.config import load_settings
 from finetune.errors import TrainingError
+from finetune.train.outputs import TrainResult
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +79,10 @@ def test_killed_child_is_retried_and_resumes(prefect_api, tiny_model_dir, data_p
     assert killed
     assert state.is_completed(), state
     result = state.result()
-    assert result["steps"] == 12 and result["resumed_from"] >= 4  # `fresh` applied to the first attempt only
+    assert isinstance(result, TrainResult)
+    assert result.steps == 12 and result.resumed_from >= 4  # `fresh` applied to the first attempt only
     assert task_run.run_count == 2
-    assert (Path(result["adapter_dir"]) / "adapters.safetensors").is_file()
+    assert (result.adapter_dir / "adapters.safetensors").is_file()
 
 
 def test_user_error_fails_without_retry(prefect_api, tiny_model_dir, data_path, tmp_path):

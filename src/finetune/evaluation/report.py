@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from finetune.evaluation.evaluate import EvalReport
+    from finetune.export import BundleExport
 
 VARIANT_ORDER = ("base", "champion", "candidate")
 METRIC_LABELS = {
@@ -85,12 +86,12 @@ def format_comparison_table(report: EvalReport) -> Table:
     return table
 
 
-def examples_of(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Held-out questions, references and each variant's answers, from ``EvalReport.to_dict()``."""
+def examples_of(report: EvalReport) -> dict[str, Any]:
+    """Held-out questions, references and each variant's answers."""
     return {
-        "questions": report["questions"],
-        "references": report["references"],
-        "answers": {name: v["answers"] for name, v in report["variants"].items()},
+        "questions": list(report.questions),
+        "references": list(report.references),
+        "answers": {name: list(v.answers) for name, v in report.variants.items()},
     }
 
 
@@ -259,28 +260,28 @@ _EXPORT_USE = {
 }
 
 
-def exports_markdown(summaries: Sequence[Mapping[str, Any]]) -> str:
+def exports_markdown(exports: Sequence[BundleExport]) -> str:
     """The model card's "Exports" section: each file with its size and sha256, each check with its figures."""
     lines = ["## Exports", "", "Each export was checked against base + adapter before it was published.", ""]
     lines += ["| export | file | size | sha256 |", "|---|---|---:|---|"]
-    for s in summaries:
-        for name, entry in s["files"].items():
-            lines.append(f"| {s['format']} | `{name}` | {entry['size']:,} B | `{entry['sha256'][:16]}…` |")
+    for e in exports:
+        for name, entry in e.files.items():
+            lines.append(f"| {e.format} | `{name}` | {entry.size:,} B | `{entry.sha256[:16]}…` |")
     lines += ["", "| export | check | max abs error | tolerance |", "|---|---|---:|---:|"]
-    for s in summaries:
-        for check, figures in s["verification"].items():
+    for e in exports:
+        for check, figures in e.verification.items():
             error = figures.get("max_abs_logit_error", figures.get("max_abs_error"))
-            lines.append(f"| {s['format']} | {check} | {error:.3g} | {figures['tolerance']:g} |")
+            lines.append(f"| {e.format} | {check} | {error:.3g} | {figures['tolerance']:g} |")
             if "requantize_max_abs_logit_error" in figures:
                 extra = figures["requantize_max_abs_logit_error"]
-                lines.append(f"| {s['format']} | re-quantization (reported) | {extra:.3g} | |")
+                lines.append(f"| {e.format} | re-quantization (reported) | {extra:.3g} | |")
     lines += ["", "Use:", ""]
-    lines += [f"- {s['format']}: " + _EXPORT_USE[s["format"]].format(path=s["path"]) for s in summaries]
+    lines += [f"- {e.format}: " + _EXPORT_USE[e.format].format(path=e.path) for e in exports]
     return "\n".join(lines) + "\n"
 
 
-def add_exports_to_card(card_path: Path, summaries: Sequence[Mapping[str, Any]]) -> Path:
+def add_exports_to_card(card_path: Path, exports: Sequence[BundleExport]) -> Path:
     """Append the Exports section to the bundle's model card (written before the exports existed)."""
     text = Path(card_path).read_text(encoding="utf-8") if Path(card_path).is_file() else ""
-    text = text.split("\n## Exports\n", 1)[0].rstrip("\n") + "\n\n" + exports_markdown(summaries)
+    text = text.split("\n## Exports\n", 1)[0].rstrip("\n") + "\n\n" + exports_markdown(exports)
     return _atomic_write(card_path, lambda f: f.write(text.encode("utf-8")))

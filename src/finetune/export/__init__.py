@@ -179,7 +179,27 @@ def _peft(bundle, model, config, out: Path, base_model_id: str | None):
 EXPORTS_DIR = "exports"  # inside a bundle: exports/<format>/...
 
 
-def export_into_bundle(bundle_dir: Path | str, settings: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class BundleExport:
+    """One format exported into a bundle: its bundle-relative directory and files, its checks, its time."""
+
+    format: str
+    path: str  # bundle-relative, e.g. exports/gguf
+    files: dict[str, ExportedFile]  # by bundle-relative name
+    verification: dict[str, Any]
+    seconds: float
+
+    @classmethod
+    def of(cls, result: ExportResult, rel_dir: str) -> BundleExport:
+        files = {f"{rel_dir}/{name}": entry for name, entry in result.files.items()}
+        return cls(result.format, rel_dir, files, result.verification, result.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest records."""
+        return asdict(self)
+
+
+def export_into_bundle(bundle_dir: Path | str, settings: Any) -> list[BundleExport]:
     """The flow's export stage: each of ``settings.export.formats`` into ``<bundle>/exports/<format>``.
 
     Returns one summary per format (bundle-relative files with sha256, verification figures, seconds)
@@ -199,15 +219,5 @@ def export_into_bundle(bundle_dir: Path | str, settings: Any) -> list[dict[str, 
             base_model_id=cfg.peft_base_model_id,
             overwrite=True,
         )
-        summaries.append(summary_of(result, f"{EXPORTS_DIR}/{fmt}"))
+        summaries.append(BundleExport.of(result, f"{EXPORTS_DIR}/{fmt}"))
     return summaries
-
-
-def summary_of(result: ExportResult, rel_dir: str) -> dict[str, Any]:
-    return {
-        "format": result.format,
-        "path": rel_dir,
-        "files": {f"{rel_dir}/{name}": asdict(entry) for name, entry in result.files.items()},
-        "verification": result.verification,
-        "seconds": result.seconds,
-    }

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from finetune.config import SECRET_FIELDS, SECTIONS, Settings, StorageOptions, load_settings
+from finetune.evaluation.report import examples_of
 from finetune.layout import run_ref
+from finetune.pipeline.results import Champion, DatasetVersion, Promotion, TokenizedDataset
+from finetune.publishing import PublishedRun
 from finetune.publishing.retrain import base_model_ref, nothing_changed_message
+
+if TYPE_CHECKING:
+    from finetune.evaluation.evaluate import EvalReport
+    from finetune.export import BundleExport
+    from finetune.train.outputs import TrainResult
 
 
 def settings_from_sections(work_dir: str, **sections: Any) -> Settings:
@@ -27,57 +36,88 @@ def flow_parameters(settings: Settings) -> dict[str, Any]:
     }
 
 
-def training_summary(trained: dict[str, Any]) -> dict[str, Any]:
+def training_summary(trained: TrainResult) -> dict[str, Any]:
     """The training result without its per-step history and local paths."""
-    return {k: v for k, v in trained.items() if k not in ("history", "adapter_dir")}
+    return {k: v for k, v in trained.to_json().items() if k not in ("history", "adapter_dir")}
 
 
-def bundle_metrics(report: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+def bundle_metrics(report: EvalReport, trained: TrainResult) -> dict[str, Any]:
     """The bundle's metrics.json: evaluation per variant, the gate's decision, the training summary."""
-    return {"evaluation": report["metrics"], "decision": report["decision"], "training": training_summary(trained)}
+    recorded = report.to_dict()
+    return {"evaluation": recorded["metrics"], "decision": recorded["decision"], "training": training_summary(trained)}
 
 
 def manifest_fields(
     settings: Settings,
-    data_version: str,
-    tokens_version: str,
-    report: dict[str, Any],
-    champion: dict[str, Any] | None = None,
+    fetched: DatasetVersion,
+    tokens: TokenizedDataset,
+    report: EvalReport,
+    champion: Champion | None = None,
+    exports: Sequence[BundleExport] = (),
 ) -> dict[str, Any]:
     """What the manifest records besides the files: inputs, config, fingerprint, metrics, the score to promote on."""
     from finetune import __version__
 
-    candidate = report["metrics"]["candidate"]
+    recorded = report.to_dict()
     return {
         "base_model": base_model_ref(settings.model),
-        "dataset_version": data_version,
-        "tokenized_version": tokens_version,
+        "dataset_version": fetched.version,
+        "tokenized_version": tokens.version,
         "config": settings.public_dict(),
         "config_fingerprint": settings.fingerprint(),
-        "metrics": report["metrics"],
-        "decision": report["decision"],
+        "metrics": recorded["metrics"],
+        "decision": recorded["decision"],
         "evaluation": {
-            "metric": report["primary_metric"],
-            "score": candidate.get(report["primary_metric"]),
-            "higher_is_better": report["higher_is_better"],
-            # Whose metrics report["metrics"]["champion"] are: a later promotion compares like for like.
-            "champion_run_id": champion["run_id"] if champion else None,
+            "metric": report.primary_metric,
+            "score": recorded["metrics"]["candidate"].get(report.primary_metric),
+            "higher_is_better": report.higher_is_better,
+            # Whose metrics ["metrics"]["champion"] are: a later promotion compares like for like.
+            "champion_run_id": champion.run_id if champion else None,
         },
         "code_version": __version__,
+        "exports": [e.to_dict() for e in exports],
     }
 
 
-def already_published(
-    manifest: dict[str, Any], run_dir: str, store_uri: str, promotion: dict[str, Any]
+def run_summary(
+    *,
+    run_id: str,
+    run_dir: str,
+    store_uri: str,
+    model_path: str,
+    fetched: DatasetVersion,
+    trained: TrainResult,
+    report: EvalReport,
+    published: PublishedRun,
+    promotion: Promotion,
+    exports: Sequence[BundleExport] = (),
 ) -> dict[str, Any]:
+    """The flow's result (what the CLI prints and the UI shows): where the run went and how it did."""
+    return {
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "store": store_uri,
+        "bundle_uri": published.uri,
+        "model_path": model_path,
+        "dataset_version": fetched.version,
+        "metrics": report.to_dict()["metrics"],
+        "promoted": promotion.promoted,
+        "promotion_reason": promotion.reason,
+        "training": training_summary(trained),
+        "exports": [{"format": e.format, "path": e.path, "verification": e.verification} for e in exports],
+        "examples": examples_of(report),
+    }
+
+
+def already_published(published: PublishedRun, run_dir: str, store_uri: str, promotion: Promotion) -> dict[str, Any]:
     """The summary of a re-run whose run id is already published: not trained again, promotion decided."""
     return {
-        "run_id": manifest["run_id"],
-        "bundle_uri": manifest["uri"],
-        "dataset_version": manifest.get("dataset_version"),
-        "metrics": manifest.get("metrics", {}),
-        "promoted": promotion["promoted"],
-        "promotion_reason": f"already published by an earlier attempt; {promotion['reason']}",
+        "run_id": published.run_id,
+        "bundle_uri": published.uri,
+        "dataset_version": published.manifest.get("dataset_version"),
+        "metrics": published.manifest.get("metrics", {}),
+        "promoted": promotion.promoted,
+        "promotion_reason": f"already published by an earlier attempt; {promotion.reason}",
         "run_dir": run_dir,
         "store": store_uri,
     }

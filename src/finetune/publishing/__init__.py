@@ -11,6 +11,7 @@ from finetune.publishing.publish import (
     BundleError,
     PublishedRun,
     bundle_files,
+    find_published,
     publish_run,
     read_manifest,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "bundle_files",
     "check_run_id",
     "fetch_bundle",
+    "find_published",
     "gc",
     "list_runs",
     "manifest_key",

@@ -195,6 +195,15 @@ def read_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
     return manifest
 
 
+def find_published(store: Store, run_id: str) -> PublishedRun | None:
+    """The run as an earlier attempt published it, or None if it was never published."""
+    manifest = read_manifest(store, run_id)
+    if manifest is None:
+        return None
+    uri = store.uri_for(run_key(run_id)).rstrip("/")
+    return PublishedRun(run_id, manifest["attempt_id"], manifest_key(run_id), uri, manifest, reused=True)
+
+
 def _same_content(manifest: Mapping[str, Any], digests: Mapping[str, FileDigest]) -> bool:
     files = manifest.get("files", {})
     return set(files) == set(digests) and all(
