@@ -48,11 +48,30 @@ def test_override_values_are_yaml_scalars():
         (["bogus=1"], "unknown config key 'bogus'"),
         (["training.iters=many"], "config key 'training.iters': Input should be a valid integer"),
         (["training"], "expected section.key=value"),
+        (["training.packing=fast"], "config key 'training.packing': expected auto, true or false, got 'fast'"),
+        (["training.packing=null"], "config key 'training.packing': expected auto, true or false, got None"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_settings(None, overrides)
+
+
+def test_packing_is_auto_by_default_and_takes_true_or_false_everywhere(tmp_path, monkeypatch):
+    assert load_settings().training.packing == "auto"
+    assert [load_settings(None, [f"training.packing={v}"]).training.packing for v in ("auto", "true", "false")] == [
+        "auto",
+        True,
+        False,
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  packing: false\n")
+    assert load_settings(path).training.packing is False
+    monkeypatch.setenv("FINETUNE_TRAINING__PACKING", "true")
+    assert load_settings().training.packing is True
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, ["training.packing=sometimes"])
+    assert "\n" not in str(err.value) and str(err.value).count("training.packing") == 1  # one line, one error
 
 
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
@@ -115,6 +134,7 @@ DEFINING_CHANGES = [
     "template.max_seq_length=64",
     "model.path=other/model",
     "dataset.split_seed=9",
+    "training.packing=false",  # it decides the batches, so the checkpoint cursor's meaning
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli.demo import DEFAULT_DEMO_MODEL, demo_overrides
+from finetune.layout import TRAIN_EVENTS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,16 @@ def test_adapter_answers_better_than_the_base(demo_run):
     assert "held-out questions" in output and "correct city:" in output and "exact match:" in output
     assert "Amman" in output
     assert manifest["base_model"]["path"] == DEFAULT_DEMO_MODEL
+
+
+def test_demo_trains_on_length_buckets_as_packing_auto_decides(demo_run):
+    work = demo_run[0]
+    metrics = sorted(work.glob(f"runs/**/{TRAIN_EVENTS_FILE}"))
+    assert metrics
+    for path in metrics:
+        done = json.loads(path.read_text().splitlines()[-1])
+        assert done["event"] == "done" and done["batching"]["setting"] == "auto", done
+        assert done["batching"]["batching"] == "bucketed" and "packing auto: buckets" in done["batching"]["note"]
 
 
 def test_published_bundle_loads_on_the_imported_base_and_generate_matches_mlx_lm(demo_run):

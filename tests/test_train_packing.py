@@ -165,11 +165,12 @@ def test_packed_run_compiles_one_training_shape(tiny_model_dir, tmp_path):
             "training.steps_per_eval=7",
             "training.steps_per_report=2",
             "training.steps_per_checkpoint=7",
+            "training.packing=true",  # auto would bucket the tiny model's short rows
             "lora.rank=4",
         ],
     )
     trainer = Trainer(settings, str(tiny_model_dir), data, tmp_path / "packed")
-    assert trainer.packed and trainer.plan.pack_length == 128
+    assert trainer.packed and trainer.plan.pack_length == 128 and trainer.plan.note is None
     result = trainer.run()
     assert result.steps == 14 and trainer.state.epoch >= 1  # crossed an epoch boundary: a short last micro-batch too
     assert trainer.traces == {"grad": 1, "update": 1, "eval": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -44,7 +45,7 @@ def data_path(medium_tokenized: Path) -> Path:
     return medium_tokenized
 
 
-def train_child(model: Path, data: Path, run_dir: Path, kill_after_step: int | None = None):
+def train_run(model: Path, data: Path, run_dir: Path, kill_after_step: int | None = None, packing: str = "auto"):
     """Train in a child; when ``kill_after_step`` is reached, raising in the event callback SIGKILLs its group."""
 
     def on_event(event: dict) -> None:
@@ -52,7 +53,7 @@ def train_child(model: Path, data: Path, run_dir: Path, kill_after_step: int | N
             raise KillAt(event["step"])
 
     return run_training_child(
-        load_settings(None, OVERRIDES),
+        load_settings(None, [*OVERRIDES, f"training.packing={packing}"]),
         str(model),
         data,
         run_dir,
@@ -71,9 +72,14 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
-def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, data_path, tmp_path, monkeypatch):
+# auto (the default) decides on buckets here, and decides the same again on every resume; true packs.
+@pytest.mark.parametrize("packing", ["auto", "true"])
+def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, data_path, tmp_path, monkeypatch, packing):
+    train_child = partial(train_run, packing=packing)
     reference = train_child(tiny_model_dir, data_path, tmp_path / "reference")
     assert reference.steps == ITERS and reference.resumed_from is None
+    done = [json.loads(x) for x in (tmp_path / "reference" / METRICS_FILE).read_text().splitlines()][-1]
+    assert done["batching"]["batching"].startswith({"auto": "bucketed", "true": "packed"}[packing])
 
     run = tmp_path / "interrupted"
     first, second = sorted(random.Random().sample(range(2, ITERS - 2), 2))

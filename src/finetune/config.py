@@ -27,7 +27,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from finetune.config_files import check_yaml_file, describe_validation_error, parse_overrides
+from finetune.config_files import AutoOrBool, check_yaml_file, describe_validation_error, parse_overrides
 from finetune.errors import ConfigError
 from finetune.schemas import load_json_schema
 
@@ -173,7 +173,7 @@ class TrainingConfig(Section):
         description="Mirror every K-th checkpoint; the last ones are always mirrored.",
         json_schema_extra=OPERATIONAL,
     )
-    packing: bool = Field(True, description="Pack rows with block-diagonal attention (else length buckets).")
+    packing: AutoOrBool = Field("auto", description="Pack rows (block-diagonal attention); auto: if cheaper.")
     pack_length: int | None = Field(None, gt=0, description="Default: the longest row, rounded up to 64.")
     batch_tokens: int | None = Field(None, gt=0, description="Packed: tokens a micro-batch (default ~batch_size rows).")
     loss_chunk_tokens: int | None = Field(2048, gt=0, description="Loss over chunks of this many tokens (null: all).")

@@ -6,12 +6,25 @@ Plain helpers without the settings models, so ``config`` stays one readable file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from finetune.errors import ConfigError
+
+
+def _auto_or_bool(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:  # one error naming the choices, not one per member of the union
+        raise PydanticCustomError(
+            "auto_or_bool", "expected auto, true or false, got {value}", {"value": repr(value)}
+        ) from None
+
+
+AutoOrBool = Annotated[Literal["auto"] | bool, WrapValidator(_auto_or_bool)]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -98,8 +98,7 @@ class Trainer:
         if self.t.grad_checkpoint:
             checkpoint_blocks(self.model)
         self.loss_head = LossHead(self.model, self.t.loss_chunk_tokens)
-        t = self.t if self.dist.world == 1 else self.t.model_copy(update={"packing": False})  # ranks split rows
-        self.plan = BatchPlan(t, self.model, self.train, self.train_rows, self.widths, longest)
+        self.plan = BatchPlan(self.t, self.model, self.train, self.train_rows, self.widths, longest, self.dist.world)
         self.notes, self.packed = [n for n in (self.loss_head.note, self.plan.note) if n], self.plan.packed
         self.batches_per_epoch = self.plan.per_epoch
         if self.batches_per_epoch == 0:
@@ -390,6 +389,7 @@ class Trainer:
                 "stopped_early": s.stopped_early,
                 "compile_seconds": self.compile_seconds,
                 "traces": dict(self.traces),
+                "batching": self.plan.summary(),
             }
         )
         return result
