@@ -170,6 +170,7 @@ def run_ours(model: str, data_file: Path, run_dir: Path, iters: int, seed: int, 
         "supervised": sum(e["supervised_tokens"] for e in windows),
         "computed": sum(e["tokens"] / (1 - e["padded_fraction"]) for e in windows),
         "wall_seconds": wall,
+        "compile_seconds": windows[-1]["compile_seconds"],  # host time of the steps that traced
         "peak_rss_mb": max(peak, default=float("nan")),
         "final_val_loss": result.final_val_loss,
         "adapter_dir": result.adapter_dir,
@@ -244,6 +245,7 @@ def run_mlx_lm(model: str, data_dir: Path, out: Path, iters: int, seed: int, bat
         "seconds": batches["supervised"] / supervised_per_second,
         **batches,
         "wall_seconds": wall,
+        "compile_seconds": float("nan"),  # not reported by mlx-lm
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "final_val_loss": float(vals[-1][1]),
         "adapter_dir": out / "adapter",
@@ -313,6 +315,7 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> N
         ("all tokens/s (non-padding)", "all_tok_s", "{:,.0f}"),
         ("padded fraction", "padded_fraction", "{:.1%}"),
         ("training seconds (sum)", "seconds", "{:.1f}"),
+        ("  of which compiling (sum)", "compile_seconds", "{:.1f}"),
         ("process wall seconds (sum)", "wall_seconds", "{:.1f}"),
         ("peak RSS of a training process MB", "peak_rss_mb", "{:,.0f}"),
         ("val loss, own definition (mean)", "final_val_loss", "{:.4f}"),
@@ -325,7 +328,8 @@ def side_by_side(model: str, work: Path, iters: int, seeds: int, hp: Hyper) -> N
 
 
 def summarize(results: list[dict]) -> dict:
-    total = {k: sum(r[k] for r in results) for k in ("seconds", "tokens", "supervised", "computed", "wall_seconds")}
+    keys = ("seconds", "tokens", "supervised", "computed", "wall_seconds", "compile_seconds")
+    total = {k: sum(r[k] for r in results) for k in keys}
     return {
         **total,
         "supervised_tok_s": total["supervised"] / total["seconds"],

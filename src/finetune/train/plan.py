@@ -51,7 +51,10 @@ class BatchPlan:
         if setting is False:
             return False, None
         if world > 1:  # ranks split a batch's rows between them; packs are not split by rank yet
-            return False, f"packing {setting}: length buckets on {world} ranks (packs are not split by rank yet)"
+            return (
+                False,
+                f"packing {str(setting).lower()}: length buckets on {world} ranks (packs are not split by rank)",
+            )
         why_not = packing.supports_segments(model)
         if why_not:
             return False, f"packing off, batches are length-bucketed instead: {why_not}"
