@@ -26,7 +26,7 @@ from finetune.evaluation.report import (
 def make_report(promote: bool = True, champion: bool = True) -> EvalReport:
     def variant(name: str, loss: float, em: float, answers: list[str]) -> VariantEval:
         metrics = {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": 354.0, "exact_match": em, "token_f1": em}
-        return VariantEval(name, None if name == "base" else f"/runs/{name}", metrics, answers, "same")
+        return VariantEval(name, None if name == "base" else f"/runs/{name}", metrics, answers)
 
     variants = {"base": variant("base", 6.5, 0.0, ["zzz", "qq | x"])}
     if champion:
