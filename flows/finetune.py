@@ -27,6 +27,7 @@ from finetune.pipeline.results import Promotion, Scorecard
 from finetune.pipeline.summary import (
     already_published,
     bundle_metrics,
+    hyperparameters,
     manifest_fields,
     run_summary,
     settings_from_sections,
@@ -150,7 +151,7 @@ def finetune_pipeline(
         run_dir,
         base_model=settings.model.path,
         data_version=fetched.version,
-        hyperparameters={"lora": settings.lora.model_dump(), "training": settings.training.model_dump()},
+        hyperparameters=hyperparameters(settings),
         run_id=run_id,
         bundle_uri=bundle_uri,
     )

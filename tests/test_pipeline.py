@@ -80,6 +80,10 @@ def test_run_publishes_a_verified_bundle(published, s3):
         data = objects["ft/" + entry["key"]]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"], name
     assert manifest["dataset_version"] and manifest["base_model"]["path"] == "builtin:tiny-llama"
+    card = objects["ft/" + manifest["files"]["README.md"]["key"]].decode()
+    # The card's hyperparameters are what defines the adapter, not how the run was operated.
+    assert "| training.learning_rate |" in card and "| lora.rank |" in card
+    assert "training.retries" not in card and "training.steps_per_report" not in card
     for key, data in s3_objects(s3, "ft/").items():
         assert MARKER_SECRET.encode() not in data and MARKER_KEY_ID.encode() not in data, key
 

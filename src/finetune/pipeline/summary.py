@@ -36,6 +36,11 @@ def flow_parameters(settings: Settings) -> dict[str, Any]:
     }
 
 
+def hyperparameters(settings: Settings) -> dict[str, Any]:
+    """The model card's hyperparameters: what defines the adapter (retries or report intervals do not)."""
+    return {"lora": settings.lora.defining_fields(), "training": settings.training.defining_fields()}
+
+
 def training_summary(trained: TrainResult) -> dict[str, Any]:
     """The training result without its per-step history and local paths."""
     return {k: v for k, v in trained.to_json().items() if k not in ("history", "adapter_dir")}
