@@ -66,14 +66,6 @@ def test_model_dims_count_linear_layers_with_the_head(tiny_model_dir):
     assert costs.model_dims(tied) == expected
 
 
-def short_rows(n: int, seed: int = 0) -> list[Encoded]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for length in rng.integers(20, 70, n):
-        rows.append(Encoded(rng.integers(3, 500, length).tolist(), [0] * (length // 2) + [1] * (length - length // 2)))
-    return rows
-
-
 def test_auto_trains_the_tiny_model_on_buckets_and_says_why(tiny_model_dir, medium_tokenized, tmp_path):
     settings = load_settings(None, ["training.iters=2", "training.batch_size=4", "lora.rank=4"])
     assert settings.training.packing == "auto"

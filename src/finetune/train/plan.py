@@ -43,7 +43,7 @@ class BatchPlan:
         if not self.packed:
             self.per_epoch = len(rows) // t.batch_size
             return
-        self.per_epoch = len(self.epoch(0)) if len(rows) >= t.batch_size else 0
+        self.per_epoch = len(self._epoch_cached(0)) if len(rows) >= t.batch_size else 0
 
     def _choose(self, model: nn.Module, longest: int, world: int) -> tuple[bool, str | None]:
         """Whether to pack (the setting, what the model and the ranks allow, the estimate), and a note on why not."""
@@ -85,8 +85,7 @@ class BatchPlan:
         shape = (self.packs_per_step, self.pack_length)
         est = costs.estimate(costs.model_dims(model), self.inputs, len(packs), shape, buckets, self.widths)
         self.estimate = est
-        if est.packs:
-            self._cached = (0, packs)
+        self._cached = (0, packs if est.packs else buckets)  # epoch 0 of the chosen plan, built once
         return est.packs, (
             f"packing auto: {f'packs of {self.pack_length} tokens' if est.packs else 'buckets'} "
             f"(estimated compute: packed {est.ratio:.2f}x buckets; attention over {self.pack_length}-token packs "
@@ -114,15 +113,18 @@ class BatchPlan:
         t = self.t
         return batching.epoch_batches(self.lengths, t.batch_size, t.seed, epoch, t.sort_window_batches)
 
+    def _epoch_cached(self, epoch: int) -> list:
+        """``epoch(epoch)``, computed once while the run is in that epoch (auto's estimate leaves epoch 0 here)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.epoch(epoch))
+        return self._cached[1]
+
     def next(self, s: LoopState) -> Batch:
         """The micro-batch at the cursor (epoch, batch index), which it advances; packed epochs vary in length."""
-        if self._cached is None or self._cached[0] != s.epoch:
-            self._cached = (s.epoch, self.epoch(s.epoch))
-        if s.batch_index >= len(self._cached[1]):
+        if s.batch_index >= len(self._epoch_cached(s.epoch)):
             s.epoch, s.batch_index = s.epoch + 1, 0
-            self._cached = (s.epoch, self.epoch(s.epoch))
         s.batch_index += 1
-        entry = self._cached[1][s.batch_index - 1]
+        entry = self._epoch_cached(s.epoch)[s.batch_index - 1]
         if self.packed:
             packs = [[int(self.rows[i]) for i in p] for p in entry]
             return packing.collate_packs(self.split, packs, self.packs_per_step, self.pack_length)
