@@ -8,16 +8,8 @@ from typing import Annotated
 import typer
 
 from finetune.cli.main import settings_from, user_errors
-from finetune.cli.options import ConfigOption, SetOption
+from finetune.cli.options import ConfigOption, SetOption, human_size
 from finetune.export import FORMATS
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return str(size)
 
 
 @user_errors
@@ -62,7 +54,7 @@ def export(
     )
     typer.echo(f"exported {fmt} to {result.out_dir} in {result.seconds:.1f} s")
     for name, entry in result.files.items():
-        typer.echo(f"  {name}  {_human(entry.size)}  sha256 {entry.sha256[:16]}")
+        typer.echo(f"  {name}  {human_size(entry.size)}  sha256 {entry.sha256[:16]}")
     for check, figures in result.verification.items():
         error = figures.get("max_abs_logit_error", figures.get("max_abs_error"))
         typer.echo(f"  verified {check}: max |Δ| {error:.3g} (tolerance {figures['tolerance']:g})")

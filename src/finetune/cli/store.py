@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from finetune.cli.options import ConfigOption, SetOption
+from finetune.cli.options import ConfigOption, SetOption, human_size
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -91,7 +91,7 @@ def runs_list(config: ConfigOption = None, overrides: SetOption = None, as_json:
             "published" if s.published else "unpublished",
             s.metric or "",
             "" if s.score is None else f"{s.score:.4g}",
-            _size(s.size),
+            human_size(s.size),
             str(s.attempts),
         )
     Console(soft_wrap=True).print(table)
@@ -185,14 +185,6 @@ def pull(
     with _user_errors():
         path = pull_bundle(ref, out, load_settings(config, overrides or []).storage)
     typer.echo(f"bundle in {path}")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def register(app: typer.Typer) -> None:
