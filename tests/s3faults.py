@@ -13,6 +13,7 @@ every HTTP attempt that reached it, so tests can count attempts exactly.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import boto3
 import pytest
 
 ACTIONS = ("503", "409", "reset", "lost", "delay", "bad_checksum", "corrupt")
@@ -337,10 +339,6 @@ def raw_client(endpoint_url: str | None = None, key: str | None = None):
 @contextlib.contextmanager
 def bucket_endpoint(host_and_port: tuple[str, int], bucket: str, credentials: dict[str, str]) -> Iterator[str]:
     """moto's URL with ``bucket`` created, and ``credentials`` in os.environ until exit (for subprocesses)."""
-    import os
-
-    import boto3
-
     host, port = host_and_port
     url = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in credentials}

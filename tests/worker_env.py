@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
 
+from finetune.train.blas import openblas_library
+
 REPO = Path(__file__).resolve().parents[1]
 GIT_ID = ["-c", "user.name=finetune tests", "-c", "user.email=tests@finetune.invalid"]
 
@@ -76,8 +78,6 @@ def clean_worker_python(root: Path) -> Path:
 
 def worker_environment(server_env: Callable[..., dict[str, str]], home: Path, **extra: str) -> dict[str, str]:
     """A worker's environment: the server's, its own HOME, OpenBLAS where Debian has it, nothing of this checkout."""
-    from finetune.train.blas import openblas_library
-
     if openblas := openblas_library():
         extra["LD_PRELOAD"] = openblas  # faster MLX matmuls on Linux, as the README suggests
     return {k: v for k, v in server_env(HOME=str(home), **extra).items() if k != "PYTHONPATH"}
