@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -264,34 +265,53 @@ def summarize(name: str, windows: list[dict], steps: int, cfg: dict, **extra) ->
     return out
 
 
+EXTRA_OVERRIDES: list[str] = []  # --ours-set: settings of finetune's runs beyond the shared ones
+EXTRA_ENV: dict[str, str] = {}  # --ours-env: environment of finetune's runs only (MLX knobs)
+
+
+def ours_overrides(steps: int, packed: bool) -> list[str]:
+    """finetune's settings for the comparison: the shared hyperparameters, constant LR, one report per 10 steps."""
+    return [*_shared_overrides(steps, packed), *EXTRA_OVERRIDES]
+
+
+def _shared_overrides(steps: int, packed: bool) -> list[str]:
+    return [
+        f"training.iters={steps}",
+        f"training.batch_size={BATCH}",
+        f"training.learning_rate={LR}",
+        "training.lr_schedule=constant",
+        "training.warmup_steps=0",
+        "training.grad_clip=null",
+        f"training.packing={str(packed).lower()}",
+        "training.steps_per_report=10",
+        f"training.steps_per_eval={steps}",
+        f"training.steps_per_checkpoint={steps}",
+        f"lora.rank={RANK}",
+        f"lora.scale={SCALE}",
+        "lora.dropout=0.0",
+        f"template.max_seq_length={MAX_LEN}",
+        "training.val_batches=-1",
+    ]
+
+
 def run_ours(model_dir: Path, token_file: Path, run_dir: Path, steps: int, packed: bool, cfg: dict) -> dict:
     from finetune.config import load_settings
     from finetune.layout import TRAIN_EVENTS_FILE
     from finetune.train.child import run_training_child
 
-    settings = load_settings(
-        None,
-        [
-            f"training.iters={steps}",
-            f"training.batch_size={BATCH}",
-            f"training.learning_rate={LR}",
-            "training.lr_schedule=constant",
-            "training.warmup_steps=0",
-            "training.grad_clip=null",
-            f"training.packing={str(packed).lower()}",
-            "training.steps_per_report=10",
-            f"training.steps_per_eval={steps}",
-            f"training.steps_per_checkpoint={steps}",
-            f"lora.rank={RANK}",
-            f"lora.scale={SCALE}",
-            "lora.dropout=0.0",
-            f"template.max_seq_length={MAX_LEN}",
-            "training.val_batches=-1",
-        ],
-    )
+    settings = load_settings(None, ours_overrides(steps, packed))
     logs: list[str] = []
-    with GpuMemory() as mem:
-        result = run_training_child(settings, str(model_dir), token_file, run_dir, logs.append, fresh=True)
+    saved = {k: os.environ.get(k) for k in EXTRA_ENV}
+    os.environ.update(EXTRA_ENV)  # the training child inherits it; mlx-lm's and torch's runs do not
+    try:
+        with GpuMemory() as mem:
+            result = run_training_child(settings, str(model_dir), token_file, run_dir, logs.append, fresh=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     events = [json.loads(x) for x in (run_dir / TRAIN_EVENTS_FILE).read_text().splitlines()]
     done = next(e for e in events if e["event"] == "done")
     windows = [
@@ -378,10 +398,10 @@ def run_mlx_lm(
 
 
 def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dict) -> dict:
-    from finetune.data import load_tokenized
+    from finetune.data import read_tokenized
 
     out.mkdir(parents=True, exist_ok=True)
-    data = load_tokenized(token_file)
+    data = read_tokenized(token_file).encoded()
     job = {
         "model": str(model_dir),
         "steps": steps,
@@ -483,10 +503,14 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=1e9, help="start no run that would likely end after this")
     p.add_argument("--work", default="/tmp/bench-gpu")
     p.add_argument("--out", default=None, help="directory for results.jsonl (raw figures, one run a line)")
+    p.add_argument("--ours-set", action="append", default=[], help="KEY=VALUE setting for finetune's runs")
+    p.add_argument("--ours-env", action="append", default=[], help="NAME=VALUE environment for finetune's runs")
     p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch_worker:
         return torch_worker(args.torch_worker)
+    EXTRA_OVERRIDES.extend(args.ours_set)
+    EXTRA_ENV.update(kv.split("=", 1) for kv in args.ours_env)
     started = time.perf_counter()
     work, out = Path(args.work), Path(args.out or args.work)
     out.mkdir(parents=True, exist_ok=True)
