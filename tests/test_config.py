@@ -74,6 +74,22 @@ def test_packing_is_auto_by_default_and_takes_true_or_false_everywhere(tmp_path,
     assert "\n" not in str(err.value) and str(err.value).count("training.packing") == 1  # one line, one error
 
 
+def test_loss_chunk_is_auto_by_default_and_takes_a_size_or_null(monkeypatch):
+    assert load_settings().training.loss_chunk_tokens == "auto"
+    values = [
+        load_settings(None, [f"training.loss_chunk_tokens={v}"]).training.loss_chunk_tokens for v in (512, "null")
+    ]
+    assert values == [512, None]
+    monkeypatch.setenv("FINETUNE_TRAINING__LOSS_CHUNK_TOKENS", "1024")
+    assert load_settings().training.loss_chunk_tokens == 1024
+    for bad in ("0", "some"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, [f"training.loss_chunk_tokens={bad}"])
+        assert "\n" not in str(err.value) and "training.loss_chunk_tokens" in str(err.value)
+    # How the loss is chunked changes float rounding, not what is computed: a run may resume under another value.
+    assert load_settings().fingerprint() == load_settings(None, ["training.loss_chunk_tokens=64"]).fingerprint()
+
+
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("lora:\n  rnak: 8\n")

@@ -83,6 +83,20 @@ def test_no_openblas_for_a_gpu_backend(monkeypatch):
     assert "MLX's cuda backend" in _blas_message(load_settings(), None, env)
 
 
+def test_cuda_child_gets_larger_graphs_unless_the_user_chose(monkeypatch):
+    """On CUDA the training child records 100 operations per CUDA graph; a user's own value stays; CPU: untouched."""
+    from finetune.train.child import _blas_message
+
+    monkeypatch.setattr(blas, "mlx_backend", lambda: "cuda")
+    monkeypatch.setattr("finetune.train.child.mlx_backend", lambda: "cuda")
+    env = blas.backend_env({})
+    assert env == {"MLX_MAX_OPS_PER_BUFFER": "100"}
+    assert "MLX_MAX_OPS_PER_BUFFER=100" in _blas_message(load_settings(), None, env)
+    assert blas.backend_env({"MLX_MAX_OPS_PER_BUFFER": "40"}) == {"MLX_MAX_OPS_PER_BUFFER": "40"}
+    monkeypatch.setattr(blas, "mlx_backend", lambda: "cpu")
+    assert blas.backend_env({}) == {}
+
+
 def test_user_error_in_child_is_a_training_error(tiny_model_dir, data_path, tmp_path):
     settings = load_settings(None, ["training.batch_size=64"])
     with pytest.raises(TrainingError, match="fewer than training.batch_size=64"):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -176,7 +176,11 @@ class TrainingConfig(Section):
     packing: AutoOrBool = Field("auto", description="Pack rows (block-diagonal attention); auto: if cheaper.")
     pack_length: int | None = Field(None, gt=0, description="Default: the longest row, rounded up to 64.")
     batch_tokens: int | None = Field(None, gt=0, description="Packed: tokens a micro-batch (default ~batch_size rows).")
-    loss_chunk_tokens: int | None = Field(2048, gt=0, description="Loss over chunks of this many tokens (null: all).")
+    loss_chunk_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Loss over chunks of this many tokens (null: all logits at once; auto: all on CUDA, 2048 elsewhere).",
+        json_schema_extra=OPERATIONAL,
+    )
     grad_checkpoint: bool = Field(False, description="Recompute blocks in backward.", json_schema_extra=OPERATIONAL)
     use_openblas: Literal["auto", "off"] = Field(
         "auto", description="Linux, MLX on CPU: preload Debian's OpenBLAS if present.", json_schema_extra=OPERATIONAL

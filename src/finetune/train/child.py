@@ -41,7 +41,15 @@ from finetune.data.tokenized import read_tokenized
 from finetune.errors import DataError, FingerprintMismatch, ModelError, TrainingChildError, TrainingError
 from finetune.layout import TRAIN_REQUEST_FILE, TRAIN_RESULT_FILE
 from finetune.model.resolve import resolve_model
-from finetune.train.blas import DISABLE_ENV, is_preloaded, mlx_backend, openblas_disabled, preload_env
+from finetune.train.blas import (
+    DISABLE_ENV,
+    OPS_PER_GRAPH_ENV,
+    backend_env,
+    is_preloaded,
+    mlx_backend,
+    openblas_disabled,
+    preload_env,
+)
 from finetune.train.checkpoints import write_json
 from finetune.train.distributed import WATCHDOG_EXIT, Reducer
 from finetune.train.launch import RankWatch, rank_command, strip_ansi
@@ -94,6 +102,7 @@ def run_training_child(
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     mirror = CheckpointMirror.open(settings, run_dir, log, fresh)
     env, library = preload_env(enabled=settings.training.use_openblas == "auto")
+    backend_env(env)
     env["PYTHONUNBUFFERED"] = "1"
     if settings.training.hosts is None:
         env.pop("MLX_RANK", None)  # a parent that is itself a rank must not make its child join that group
@@ -188,7 +197,8 @@ def _parse_event(line: str) -> dict[str, Any] | None:
 def _blas_message(settings: Settings, library: str | None, env: dict[str, str]) -> str:
     backend = mlx_backend()
     if backend != "cpu":
-        return f"training on MLX's {backend} backend (GPU matrix products; OpenBLAS not preloaded)"
+        knobs = f"; {OPS_PER_GRAPH_ENV}={env[OPS_PER_GRAPH_ENV]}" if OPS_PER_GRAPH_ENV in env else ""
+        return f"training on MLX's {backend} backend (GPU matrix products; OpenBLAS not preloaded{knobs})"
     if library:
         return f"training on MLX's cpu backend with OpenBLAS preloaded (LD_PRELOAD={library})"
     if is_preloaded(env):

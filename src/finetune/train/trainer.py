@@ -39,6 +39,7 @@ from finetune.errors import FingerprintMismatch, TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints
 from finetune.train.batching import Batch
+from finetune.train.blas import mlx_backend
 from finetune.train.checkpoints import LoopState
 from finetune.train.distributed import Reducer, dropout_seed, runtime_fingerprint
 from finetune.train.fingerprints import (
@@ -47,7 +48,7 @@ from finetune.train.fingerprints import (
     tokenizer_fingerprint,
 )
 from finetune.train.lora import build_optimizer, load_model
-from finetune.train.memory import LossHead, checkpoint_blocks
+from finetune.train.memory import LossHead, checkpoint_blocks, loss_chunk
 from finetune.train.outputs import TrainResult, read_history, rewrite_events, run_lock, write_adapter
 from finetune.train.plan import BatchPlan
 from finetune.train.progress import ProgressWindow
@@ -97,7 +98,7 @@ class Trainer:
         self.model, tokenizer, model_dir = load_model(settings, model_path)
         if self.t.grad_checkpoint:
             checkpoint_blocks(self.model)
-        self.loss_head = LossHead(self.model, self.t.loss_chunk_tokens)
+        self.loss_head = LossHead(self.model, loss_chunk(self.t.loss_chunk_tokens, mlx_backend()))
         self.plan = BatchPlan(self.t, self.model, self.train, self.train_rows, self.widths, longest, self.dist.world)
         self.notes, self.packed = [n for n in (self.loss_head.note, self.plan.note) if n], self.plan.packed
         self.batches_per_epoch = self.plan.per_epoch
