@@ -173,7 +173,7 @@ def chat_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def make_data(work: Path, model_dir: Path, n_train: int) -> tuple[Path, Path]:
+def make_data(work: Path, model_dir: Path, n_train: int, n_valid: int = 100) -> tuple[Path, Path]:
     """mlx-lm's jsonl directory and finetune's tokenized file of the same rows."""
     from mlx_lm import load
 
@@ -185,7 +185,7 @@ def make_data(work: Path, model_dir: Path, n_train: int) -> tuple[Path, Path]:
     if token_file.exists():
         return data_dir, token_file
     data_dir.mkdir(parents=True, exist_ok=True)
-    train, valid = chat_rows(n_train, 1), chat_rows(100, 2)
+    train, valid = chat_rows(n_train, 1), chat_rows(n_valid, 2)
     for name, rows in (("train", train), ("valid", valid)):
         (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, tokenizer = load(str(model_dir))
@@ -397,7 +397,8 @@ def run_mlx_lm(
     )
 
 
-def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dict) -> dict:
+def write_torch_job(model_dir: Path, token_file: Path, out: Path, steps: int) -> Path:
+    """The torch worker's input: the model, the step count and finetune's tokenized rows, as JSON."""
     from finetune.data import read_tokenized
 
     out.mkdir(parents=True, exist_ok=True)
@@ -410,6 +411,11 @@ def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dic
         "valid": [[r.input_ids, r.loss_mask] for r in data["valid"]],
     }
     (out / "job.json").write_text(json.dumps(job))
+    return out / "job.json"
+
+
+def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dict) -> dict:
+    write_torch_job(model_dir, token_file, out, steps)
     with GpuMemory() as mem:
         proc = subprocess.run(
             [sys.executable, __file__, "--torch-worker", str(out / "job.json")], capture_output=True, text=True
@@ -499,6 +505,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--trainers", default="packed,bucketed,mlx_lm,torch")
     p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--valid-rows", type=int, default=100)
     p.add_argument("--warmup-steps", type=int, default=10, help="the throwaway run that builds MLX's kernels; 0: none")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no run that would likely end after this")
     p.add_argument("--work", default="/tmp/bench-gpu")
@@ -521,7 +528,7 @@ def main() -> None:
         cfg = SHAPES[shape]
         tic = time.perf_counter()
         model_dir = make_model(work / shape / "model", shape)
-        data_dir, token_file = make_data(work / shape, model_dir, args.rows)
+        data_dir, token_file = make_data(work / shape, model_dir, args.rows, args.valid_rows)
         print(f"[{shape}] model and data ready in {time.perf_counter() - tic:.0f} s", flush=True)
         real_ratio = None
         if args.warmup_steps:

@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warm", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--valid-rows", type=int, default=100)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--work", default="/tmp/bench-gpu")
@@ -170,7 +171,7 @@ def main() -> None:
         return child(args)
     work = Path(args.work) / args.shape
     model_dir = bench_gpu.make_model(work / "model", args.shape)
-    _, token_file = bench_gpu.make_data(work, model_dir, args.rows)
+    _, token_file = bench_gpu.make_data(work, model_dir, args.rows, args.valid_rows)
     flops_per_token = 4 * bench_gpu.matmul_params(bench_gpu.SHAPES[args.shape])
     for variant in args.variants.split(","):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **variant_setup(variant)[1]}
