@@ -6,19 +6,22 @@ builds the same ``Trainer`` that ``finetune train`` builds, on the same model
 and data as ``bench_gpu.py``, runs a few untimed steps and then times steps
 end to end (the host waits for the device once, after the last).
 
-Variants (``--variants``, comma-separated):
+Variants (``--variants``, comma-separated; ``+`` joins parts, e.g. ``additive+lora-bf16``):
 
-- ``default``: the step as ``finetune train`` runs it; the same process also
-  times the gradient alone (no optimizer update) and the forward pass alone;
+- ``default``: the step as ``finetune train`` runs it (its CUDA environment
+  included); the same process also times the gradient alone (no optimizer
+  update) and the forward pass alone;
 - ``chunk-none`` / ``chunk-N``: ``training.loss_chunk_tokens`` null or N;
 - ``causal``: packed rows with a plain causal mask instead of the segment mask
   (wrong for training: it only prices the mask);
 - ``additive``: the segment mask as an additive 0/-inf array in the model's
   dtype, built once per step, instead of a boolean one;
+- ``lora-bf16``: the LoRA path computed in the activations' dtype (the LoRA
+  weights stay float32, as autocast does) instead of promoting to float32;
 - ``ops-N``: ``MLX_MAX_OPS_PER_BUFFER=N`` (operations per CUDA graph);
 - ``graphs-off``: ``MLX_USE_CUDA_GRAPHS=0``;
-- ``kernels``: the default step under PyTorch's profiler (CUPTI sees every
-  kernel of the process, MLX's too): GPU-busy time per step and the top kernels.
+- ``kernels``: the step under PyTorch's profiler (CUPTI sees every kernel of
+  the process, MLX's too): GPU-busy time per step and the top kernels.
 
 Run on the GPU machine:  python3 benchmarks/bench_gpu_step.py --shape qwen0.5b --variants default,chunk-none,ops-100
 Smoke test anywhere:     python benchmarks/bench_gpu_step.py --shape tiny --variants default,chunk-none,causal
@@ -38,36 +41,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_gpu  # noqa: E402  (the shared model, data and settings)
 
+from finetune.train.blas import backend_env  # noqa: E402  (finetune train's CUDA environment)
+
 
 def variant_setup(name: str) -> tuple[list[str], dict[str, str]]:
-    """(extra settings overrides, extra environment) of a variant."""
-    if name.startswith("chunk-"):
-        value = name.removeprefix("chunk-")
-        return [f"training.loss_chunk_tokens={'null' if value == 'none' else value}"], {}
-    if name.startswith("ops-"):
-        return [], {"MLX_MAX_OPS_PER_BUFFER": name.removeprefix("ops-")}
-    if name == "graphs-off":
-        return [], {"MLX_USE_CUDA_GRAPHS": "0"}
-    return [], {}
+    """(extra settings overrides, extra environment) of a variant and its ``+``-joined parts."""
+    overrides, env = [], {}
+    for part in name.split("+"):
+        if part.startswith("chunk-"):
+            value = part.removeprefix("chunk-")
+            overrides.append(f"training.loss_chunk_tokens={'null' if value == 'none' else value}")
+        elif part.startswith("ops-"):
+            env["MLX_MAX_OPS_PER_BUFFER"] = part.removeprefix("ops-")
+        elif part == "graphs-off":
+            env["MLX_USE_CUDA_GRAPHS"] = "0"
+    return overrides, env
+
+
+def patch(trainer, parts: list[str]) -> None:
+    """The variants that change code rather than settings, applied before the step is compiled."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from finetune.train import packing
+
+    if "causal" in parts:  # prices the segment mask (after the plan chose packing): one causal mask everywhere
+        packing.SegmentCache.make_mask = lambda self, n, return_array=False, window_size=None: "causal"
+    if "additive" in parts:  # the segment mask as 0/-inf in the model's dtype, built once per step
+        boolean, dtype = packing.segment_mask, trainer.model.model.embed_tokens.weight.dtype
+        packing.segment_mask = lambda segments: mx.where(boolean(segments), 0.0, -mx.inf).astype(dtype)
+    if "lora-bf16" in parts:  # mlx-lm's LoRALinear.__call__ with its float32 weights cast to the input's dtype
+
+        def call(self, x):
+            z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+            return self.linear(x) + (self.scale * z).astype(x.dtype)
+
+        LoRALinear.__call__ = call
 
 
 def build(model_dir: Path, token_file: Path, run_dir: Path, variant: str):
     from finetune.config import load_settings
     from finetune.data import read_tokenized
-    from finetune.train import packing
     from finetune.train.trainer import Trainer
 
     overrides, _ = variant_setup(variant)
     settings = load_settings(None, [*bench_gpu.ours_overrides(1000, True), *overrides])
     trainer = Trainer(settings, str(model_dir), read_tokenized(token_file), run_dir)
     trainer.restore(fresh=True)
-    if variant == "causal":  # prices the segment mask (after the plan chose packing): one causal mask everywhere
-        packing.SegmentCache.make_mask = lambda self, n, return_array=False, window_size=None: "causal"
-    if variant == "additive":  # the segment mask as 0/-inf in the model's dtype, built once per step
-        import mlx.core as mx
-
-        boolean, dtype = packing.segment_mask, trainer.model.model.embed_tokens.weight.dtype
-        packing.segment_mask = lambda segments: mx.where(boolean(segments), 0.0, -mx.inf).astype(dtype)
+    patch(trainer, variant.split("+"))
     trainer._compile()
     trainer.model.train()
     return trainer
@@ -139,7 +160,7 @@ def child(args) -> None:
     time_steps(trainer, args.warm)
     warm_s = time.perf_counter() - tic
     out = {"variant": args.child, "setup_s": setup_s, "warm_s": warm_s, "batching": trainer.plan.describe()}
-    if args.child == "kernels":
+    if "kernels" in args.child.split("+"):
         out.update(kernel_table(trainer, args.steps, args.top))
     else:
         out.update(time_steps(trainer, args.steps))
@@ -175,7 +196,7 @@ def main() -> None:
     _, token_file = bench_gpu.make_data(work, model_dir, args.rows, args.valid_rows)
     flops_per_token = 4 * bench_gpu.matmul_params(bench_gpu.SHAPES[args.shape])
     for variant in args.variants.split(","):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **variant_setup(variant)[1]}
+        env = backend_env({**os.environ, "PYTHONUNBUFFERED": "1", **variant_setup(variant)[1]})
         command = [sys.executable, __file__, "--child", variant, "--model", str(model_dir), "--tokens", str(token_file)]
         command += ["--work", str(work), "--steps", str(args.steps), "--warm", str(args.warm), "--top", str(args.top)]
         try:
