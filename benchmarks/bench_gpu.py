@@ -40,7 +40,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -265,16 +267,8 @@ def summarize(name: str, windows: list[dict], steps: int, cfg: dict, **extra) ->
     return out
 
 
-EXTRA_OVERRIDES: list[str] = []  # --ours-set: settings of finetune's runs beyond the shared ones
-EXTRA_ENV: dict[str, str] = {}  # --ours-env: environment of finetune's runs only (MLX knobs)
-
-
-def ours_overrides(steps: int, packed: bool) -> list[str]:
+def ours_overrides(steps: int, packed: bool, extra: Sequence[str] = ()) -> list[str]:
     """finetune's settings for the comparison: the shared hyperparameters, constant LR, one report per 10 steps."""
-    return [*_shared_overrides(steps, packed), *EXTRA_OVERRIDES]
-
-
-def _shared_overrides(steps: int, packed: bool) -> list[str]:
     return [
         f"training.iters={steps}",
         f"training.batch_size={BATCH}",
@@ -291,27 +285,29 @@ def _shared_overrides(steps: int, packed: bool) -> list[str]:
         "lora.dropout=0.0",
         f"template.max_seq_length={MAX_LEN}",
         "training.val_batches=-1",
+        *extra,
     ]
 
 
-def run_ours(model_dir: Path, token_file: Path, run_dir: Path, steps: int, packed: bool, cfg: dict) -> dict:
+def run_ours(
+    model_dir: Path,
+    token_file: Path,
+    run_dir: Path,
+    steps: int,
+    packed: bool,
+    cfg: dict,
+    extra_overrides: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> dict:
+    """One ``finetune train`` run in its child process; ``extra_env`` reaches that child only (MLX knobs)."""
     from finetune.config import load_settings
     from finetune.layout import TRAIN_EVENTS_FILE
     from finetune.train.child import run_training_child
 
-    settings = load_settings(None, ours_overrides(steps, packed))
+    settings = load_settings(None, ours_overrides(steps, packed, extra_overrides))
     logs: list[str] = []
-    saved = {k: os.environ.get(k) for k in EXTRA_ENV}
-    os.environ.update(EXTRA_ENV)  # the training child inherits it; mlx-lm's and torch's runs do not
-    try:
-        with GpuMemory() as mem:
-            result = run_training_child(settings, str(model_dir), token_file, run_dir, logs.append, fresh=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, extra_env or {}), GpuMemory() as mem:
+        result = run_training_child(settings, str(model_dir), token_file, run_dir, logs.append, fresh=True)
     events = [json.loads(x) for x in (run_dir / TRAIN_EVENTS_FILE).read_text().splitlines()]
     done = next(e for e in events if e["event"] == "done")
     windows = [
@@ -516,8 +512,7 @@ def main() -> None:
     args = p.parse_args()
     if args.torch_worker:
         return torch_worker(args.torch_worker)
-    EXTRA_OVERRIDES.extend(args.ours_set)
-    EXTRA_ENV.update(kv.split("=", 1) for kv in args.ours_env)
+    ours = {"extra_overrides": args.ours_set, "extra_env": dict(kv.split("=", 1) for kv in args.ours_env)}
     started = time.perf_counter()
     work, out = Path(args.work), Path(args.out or args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -533,7 +528,7 @@ def main() -> None:
         real_ratio = None
         if args.warmup_steps:
             tic = time.perf_counter()
-            w = run_ours(model_dir, token_file, work / shape / "warm-ours", args.warmup_steps, True, cfg)
+            w = run_ours(model_dir, token_file, work / shape / "warm-ours", args.warmup_steps, True, cfg, **ours)
             if "mlx_lm" in trainers:
                 run_mlx_lm(model_dir, data_dir, work / shape / "warm-mlx", args.warmup_steps, cfg, None)
             print(
@@ -553,7 +548,7 @@ def main() -> None:
                 run_dir = work / shape / f"r{r}-{name}"
                 try:
                     if name in ("packed", "bucketed"):
-                        res = run_ours(model_dir, token_file, run_dir, args.steps, name == "packed", cfg)
+                        res = run_ours(model_dir, token_file, run_dir, args.steps, name == "packed", cfg, **ours)
                         real_ratio = res["real_per_supervised"]
                     elif name == "mlx_lm":
                         res = run_mlx_lm(model_dir, data_dir, run_dir, args.steps, cfg, real_ratio)

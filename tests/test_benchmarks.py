@@ -60,9 +60,9 @@ def test_whole_run_and_step_benchmarks_run_on_the_tiny_shape(tmp_path):
     assert steps[0]["grad_only_ms"] > 0 and steps[0]["forward_only_ms"] > 0
 
 
-def test_torch_job_holds_the_same_tokenized_rows(tmp_path):
+def test_torch_job_holds_the_same_tokenized_rows(tmp_path, monkeypatch):
     """The PyTorch+PEFT worker (run on the GPU machine only) trains on exactly finetune's tokenized rows."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_gpu
 
     from finetune.data import read_tokenized

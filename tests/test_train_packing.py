@@ -13,7 +13,7 @@ from finetune.data.templating import Encoded
 from finetune.data.tokenized import TokenizedSplit
 from finetune.train import batching, packing
 from finetune.train.lora import load_model
-from finetune.train.memory import CPU_LOSS_CHUNK, LossHead, checkpoint_blocks, loss_chunk
+from finetune.train.memory import DEFAULT_LOSS_CHUNK, LossHead, checkpoint_blocks, loss_chunk
 from finetune.train.trainer import Trainer
 
 
@@ -106,8 +106,8 @@ def test_packed_batch_gives_each_row_its_own_loss_and_gradient(lora_model):
 def test_auto_loss_chunk_is_whole_logits_on_cuda_and_chunks_elsewhere():
     assert [loss_chunk("auto", backend) for backend in ("cuda", "cpu", "metal")] == [
         None,
-        CPU_LOSS_CHUNK,
-        CPU_LOSS_CHUNK,
+        DEFAULT_LOSS_CHUNK,
+        DEFAULT_LOSS_CHUNK,
     ]
     assert [loss_chunk(value, "cuda") for value in (256, None)] == [256, None]
 

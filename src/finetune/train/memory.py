@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 _CHECKPOINTED: dict[type, type] = {}
-CPU_LOSS_CHUNK = 2048
+DEFAULT_LOSS_CHUNK = 2048  # tokens, on every backend but CUDA
 
 
 def loss_chunk(setting: int | str | None, backend: str) -> int | None:
@@ -35,7 +35,7 @@ def loss_chunk(setting: int | str | None, backend: str) -> int | None:
     """
     if setting != "auto":
         return setting
-    return None if backend == "cuda" else CPU_LOSS_CHUNK
+    return None if backend == "cuda" else DEFAULT_LOSS_CHUNK
 
 
 def _checkpointed_class(cls: type) -> type:
