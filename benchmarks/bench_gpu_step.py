@@ -6,7 +6,7 @@ builds the same ``Trainer`` that ``finetune train`` builds, on the same model
 and data as ``bench_gpu.py``, runs a few untimed steps and then times steps
 end to end (the host waits for the device once, after the last).
 
-Variants (``--variants``, comma-separated; ``+`` joins parts, e.g. ``additive+lora-bf16``):
+Variants (``--variants``, comma-separated; ``+`` joins parts, e.g. ``boolean+lora-f32``):
 
 - ``default``: the step as ``finetune train`` runs it (its CUDA environment
   included); the same process also times the gradient alone (no optimizer
@@ -14,10 +14,10 @@ Variants (``--variants``, comma-separated; ``+`` joins parts, e.g. ``additive+lo
 - ``chunk-none`` / ``chunk-N``: ``training.loss_chunk_tokens`` null or N;
 - ``causal``: packed rows with a plain causal mask instead of the segment mask
   (wrong for training: it only prices the mask);
-- ``additive``: the segment mask as an additive 0/-inf array in the model's
-  dtype, built once per step, instead of a boolean one;
-- ``lora-bf16``: the LoRA path computed in the activations' dtype (the LoRA
-  weights stay float32, as autocast does) instead of promoting to float32;
+- ``boolean``: the segment mask as a boolean array (on CUDA the default is an
+  additive one, ``packing.mask_dtype``);
+- ``lora-f32``: ``lora.compute_dtype=float32`` (on CUDA the default computes the
+  LoRA path in the base layers' dtype);
 - ``ops-N``: ``MLX_MAX_OPS_PER_BUFFER=N`` (operations per CUDA graph);
 - ``graphs-off``: ``MLX_USE_CUDA_GRAPHS=0``;
 - ``kernels``: the step under PyTorch's profiler (CUPTI sees every kernel of
@@ -53,30 +53,21 @@ def variant_setup(name: str) -> tuple[list[str], dict[str, str]]:
             overrides.append(f"training.loss_chunk_tokens={'null' if value == 'none' else value}")
         elif part.startswith("ops-"):
             env["MLX_MAX_OPS_PER_BUFFER"] = part.removeprefix("ops-")
+        elif part == "lora-f32":
+            overrides.append("lora.compute_dtype=float32")
         elif part == "graphs-off":
             env["MLX_USE_CUDA_GRAPHS"] = "0"
     return overrides, env
 
 
-def patch(trainer, parts: list[str]) -> None:
+def patch(parts: list[str]) -> None:
     """The variants that change code rather than settings, applied before the step is compiled."""
-    import mlx.core as mx
-    from mlx_lm.tuner.lora import LoRALinear
-
     from finetune.train import packing
 
     if "causal" in parts:  # prices the segment mask (after the plan chose packing): one causal mask everywhere
         packing.SegmentCache.make_mask = lambda self, n, return_array=False, window_size=None: "causal"
-    if "additive" in parts:  # the segment mask as 0/-inf in the model's dtype, built once per step
-        boolean, dtype = packing.segment_mask, trainer.model.model.embed_tokens.weight.dtype
-        packing.segment_mask = lambda segments: mx.where(boolean(segments), 0.0, -mx.inf).astype(dtype)
-    if "lora-bf16" in parts:  # mlx-lm's LoRALinear.__call__ with its float32 weights cast to the input's dtype
-
-        def call(self, x):
-            z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-            return self.linear(x) + (self.scale * z).astype(x.dtype)
-
-        LoRALinear.__call__ = call
+    if "boolean" in parts:
+        packing.mask_dtype = lambda backend, activations: None
 
 
 def build(model_dir: Path, token_file: Path, run_dir: Path, variant: str):
@@ -88,7 +79,7 @@ def build(model_dir: Path, token_file: Path, run_dir: Path, variant: str):
     settings = load_settings(None, [*bench_gpu.ours_overrides(1000, True), *overrides])
     trainer = Trainer(settings, str(model_dir), read_tokenized(token_file), run_dir)
     trainer.restore(fresh=True)
-    patch(trainer, variant.split("+"))
+    patch(variant.split("+"))
     trainer._compile()
     trainer.model.train()
     return trainer
@@ -185,6 +176,7 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--work", default="/tmp/bench-gpu")
     p.add_argument("--out", default=None, help="append one JSON line per variant to OUT/step-results.jsonl")
+    p.add_argument("--tag", default=None, help="recorded in every result (e.g. the commit of the code measured)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
@@ -210,6 +202,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             res = {"variant": variant, "error": f"timed out after {args.timeout_s:.0f} s"}
         res["shape"] = args.shape
+        if args.tag:
+            res["tag"] = args.tag
         if "ms_per_step" in res:
             res["peak_fraction"] = (
                 flops_per_token * res["tokens_per_step"] / (res["ms_per_step"] / 1000) / bench_gpu.PEAK_FLOPS

@@ -50,12 +50,12 @@ def test_whole_run_and_step_benchmarks_run_on_the_tiny_shape(tmp_path):
 
     proc = _run(
         ["benchmarks/bench_gpu_step.py", "--shape", "tiny", "--rows", "48", "--valid-rows", "4", "--steps", "1"]
-        + ["--warm", "1", "--variants", "default,additive+lora-bf16+ops-50"],
+        + ["--warm", "1", "--variants", "default,boolean+lora-f32+ops-50"],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     steps = [json.loads(x) for x in (tmp_path / "out" / "step-results.jsonl").read_text().splitlines()]
-    assert [s["variant"] for s in steps] == ["default", "additive+lora-bf16+ops-50"]
+    assert [s["variant"] for s in steps] == ["default", "boolean+lora-f32+ops-50"]
     assert all(s["ms_per_step"] > 0 and s["batching"].startswith("packed") for s in steps), steps
     assert steps[0]["grad_only_ms"] > 0 and steps[0]["forward_only_ms"] > 0
 

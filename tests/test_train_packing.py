@@ -67,14 +67,15 @@ def test_packed_batch_gives_each_row_its_own_loss_and_gradient(lora_model):
     split = TokenizedSplit.from_encoded(rows)
     batch = packing.collate_packs(split, packs, len(packs) + 1, 64)  # + one empty pack
     inputs, targets, mask, segments = (mx.array(a) for a in (batch.inputs, batch.targets, batch.mask, batch.segments))
-    cache = packing.segment_caches(model, segments)
-    token_ce = nn.losses.cross_entropy(model(inputs, cache=cache), targets) * mask
-    packed = {}
-    for p, pack in enumerate(packs):
-        for s, i in enumerate(pack, start=1):
-            packed[i] = (token_ce[p] * (segments[p] == s)).sum().item()
     alone = row_losses_alone(model, rows)
-    np.testing.assert_allclose([packed[i] for i in range(len(rows))], alone, rtol=2e-5, atol=1e-5)
+    for mask_dtype in (None, mx.float32):  # boolean, and additive (0/-inf) as on CUDA
+        cache = packing.segment_caches(model, segments, mask_dtype)
+        token_ce = nn.losses.cross_entropy(model(inputs, cache=cache), targets) * mask
+        packed = {}
+        for p, pack in enumerate(packs):
+            for s, i in enumerate(pack, start=1):
+                packed[i] = (token_ce[p] * (segments[p] == s)).sum().item()
+        np.testing.assert_allclose([packed[i] for i in range(len(rows))], alone, rtol=2e-5, atol=1e-5)
     # Positions restart for every row; the tail of a pack belongs to no row.
     assert batch.positions[0, : len(rows[packs[0][0]].input_ids) - 1].tolist() == list(
         range(len(rows[packs[0][0]].input_ids) - 1)
@@ -93,10 +94,10 @@ def test_packed_batch_gives_each_row_its_own_loss_and_gradient(lora_model):
     head = LossHead(model, chunk=48)
     assert head.chunk == 48 and head.note is None
     expected = grads_of(model, alone_sum)
-    for checkpointed in (False, True):
+    for checkpointed, mask_dtype in ((False, None), (False, mx.float32), (True, None)):
         if checkpointed:
             checkpoint_blocks(model)
-        got = grads_of(model, lambda: head(inputs, targets, mask, packing.segment_caches(model, segments)))
+        got = grads_of(model, lambda: head(inputs, targets, mask, packing.segment_caches(model, segments, mask_dtype)))  # noqa: B023
         assert got.keys() == expected.keys() and any(np.abs(v).max() > 0 for v in expected.values())
         for k in expected:
             # float32 sums in another order: relative error of the whole tensor

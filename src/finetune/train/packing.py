@@ -123,12 +123,24 @@ def eval_packs(split: TokenizedSplit, rows: Sequence[int], n_packs: int, pack_le
 # ---------------------------------------------------------------- the mask
 
 
-def segment_mask(segments: mx.array) -> mx.array:
-    """(B, 1, L, L) boolean: causal and within the query's own segment."""
+def mask_dtype(backend: str, activations: mx.Dtype) -> mx.Dtype | None:
+    """None: a boolean segment mask; else an additive one (0 or -inf) in this dtype.
+
+    MLX's CUDA attention takes no boolean mask and converts it in every layer;
+    one additive mask a step measured 159 against 175 ms a step on an H200
+    (0.5B shape, ``benchmarks/results/h200-2026-12-02-step.jsonl``). Metal and
+    the CPU take the boolean one as it is.
+    """
+    return activations if backend == "cuda" else None
+
+
+def segment_mask(segments: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+    """(B, 1, L, L): causal and within the query's own segment; boolean, or additive in ``dtype``."""
     n = segments.shape[1]
     causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
     same = segments[:, :, None] == segments[:, None, :]
-    return mx.expand_dims(same & causal, 1)
+    allowed = mx.expand_dims(same & causal, 1)
+    return allowed if dtype is None else mx.where(allowed, 0.0, -mx.inf).astype(dtype)
 
 
 class SegmentCache:
@@ -143,15 +155,18 @@ class SegmentCache:
         if window_size is None:
             return self.mask
         idx = mx.arange(n)
-        return self.mask & (idx[:, None] < idx[None] + window_size)
+        inside = idx[:, None] < idx[None] + window_size
+        if self.mask.dtype == mx.bool_:
+            return self.mask & inside
+        return mx.where(inside, self.mask, -mx.inf).astype(self.mask.dtype)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         return keys, values
 
 
-def segment_caches(model, segments: mx.array) -> list[SegmentCache]:
-    """One cache object per block, all sharing one mask built from ``segments``."""
-    mask = segment_mask(segments)
+def segment_caches(model, segments: mx.array, dtype: mx.Dtype | None = None) -> list[SegmentCache]:
+    """One cache object per block, all sharing one mask built from ``segments`` (``segment_mask``'s dtype)."""
+    mask = segment_mask(segments, dtype)
     return [SegmentCache(mask) for _ in model.layers]
 
 

@@ -1,5 +1,8 @@
 """The compiled training and evaluation steps: summed loss, gradient norm, token-weighted update.
 
+The gradient leaves the gradient step as one flat float32 array, and the update
+works on the flat master copy (``flat``): a few kernels a step, not a few per tensor.
+
 Skip decisions are made on the device: a micro-batch with a non-finite loss or
 gradient contributes zeros, and an update with no usable micro-batch leaves
 parameters and optimizer state as they were (``mx.where``), so the host never
@@ -18,20 +21,28 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from finetune.train import packing
 from finetune.train.batching import Batch
+from finetune.train.flat import KEY, FlatTrainables
 from finetune.train.memory import LossHead
 
 
 def compile_steps(
-    model: nn.Module, optimizer: optim.Optimizer, clip: float | None, head: LossHead, traces: dict[str, int]
+    flat: FlatTrainables,
+    clip: float | None,
+    head: LossHead,
+    traces: dict[str, int],
+    mask_dtype: mx.Dtype | None = None,
 ) -> tuple[Any, Any, Any]:
     """(grad_fn, update_fn, eval_fn); built after a restore, since compile captures the optimizer state object.
 
+    The gradient is one flat float32 array (``flat``). ``mask_dtype``: None for a
+    boolean segment mask, else an additive one in that dtype (``packing.mask_dtype``).
     ``traces`` counts how often each function was traced (Python in them runs only while tracing).
     """
+    model, optimizer = flat.model, flat.optimizer
 
     def loss_sum(inputs, targets, mask, *segments):
         # A packed batch carries segment ids: attention stays inside each row.
-        cache = packing.segment_caches(model, segments[0]) if segments else None
+        cache = packing.segment_caches(model, segments[0], mask_dtype) if segments else None
         return head(inputs, targets, mask, cache)
 
     value_and_grad = nn.value_and_grad(model, loss_sum)
@@ -43,20 +54,21 @@ def compile_steps(
     def grad_fn(*arrays):
         traces["grad"] += 1
         loss, grads = value_and_grad(*arrays)
-        sq_norm = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
-        return loss, sq_norm, grads
+        grad = flat.gather(grads)
+        return loss, mx.sum(mx.square(grad)), grad
 
-    state = [model.state, optimizer.state]
+    state = [model.state, optimizer.state, flat.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def update_fn(grads, n_targets, apply):
+    def update_fn(grad, n_targets, apply):
         traces["update"] += 1
-        grads = tree_map(lambda g: g / mx.maximum(n_targets, 1.0), grads)
+        grads = {KEY: grad / mx.maximum(n_targets, 1.0)}
         if clip is not None:
             grads, _ = optim.clip_grad_norm(grads, clip)
-        old_params, old_state = model.trainable_parameters(), dict(tree_flatten(optimizer.state))
-        optimizer.update(model, grads)
-        model.update(tree_map(lambda new, old: mx.where(apply, new, old), model.trainable_parameters(), old_params))
+        old_master, old_state = flat.state["master"], dict(tree_flatten(optimizer.state))
+        master = mx.where(apply, optimizer.apply_gradients(grads, {KEY: old_master})[KEY], old_master)
+        flat.state["master"] = master
+        flat.show(master)
         # Entries the update created (a resumed state lacks the empty ones) have no old value to keep.
         kept = tree_map_with_path(
             lambda path, new: mx.where(apply, new, old_state[path]) if path in old_state else new, optimizer.state

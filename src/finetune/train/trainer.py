@@ -37,7 +37,7 @@ from finetune.data.templating import Encoded
 from finetune.data.tokenized import TokenizedData
 from finetune.errors import FingerprintMismatch, TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
-from finetune.train import batching, checkpoints
+from finetune.train import batching, checkpoints, packing
 from finetune.train.batching import Batch
 from finetune.train.blas import mlx_backend
 from finetune.train.checkpoints import LoopState
@@ -47,6 +47,7 @@ from finetune.train.fingerprints import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from finetune.train.flat import FlatTrainables, base_dtype, compute_dtype
 from finetune.train.lora import build_optimizer, load_model
 from finetune.train.memory import LossHead, checkpoint_blocks, loss_chunk
 from finetune.train.outputs import TrainResult, read_history, rewrite_events, run_lock, write_adapter
@@ -119,6 +120,7 @@ class Trainer:
         self.state = LoopState()
         self.val_batches = self.plan.eval_batches(self.valid, self.valid_rows)
         self.traces, self.compile_seconds = {"grad": 0, "update": 0, "eval": 0}, 0.0  # traces per compiled function
+        self.flat: FlatTrainables | None = None  # the master buffer, built from the restored tensors by _compile
 
     # ----- setup
 
@@ -159,8 +161,17 @@ class Trainer:
     # ----- compiled functions (built after restore: compile captures the optimizer state object)
 
     def _compile(self) -> None:
+        backend = mlx_backend()
+        if self.flat is None:
+            lora = self.settings.lora
+            dtype = compute_dtype(lora.compute_dtype, backend, self.model, lora.fine_tune_type)
+            self.flat = FlatTrainables(self.model, self.optimizer, dtype)
         self._grad_fn, self._update_fn, self._eval_fn = compile_steps(
-            self.model, self.optimizer, self.t.grad_clip, self.loss_head, self.traces
+            self.flat,
+            self.t.grad_clip,
+            self.loss_head,
+            self.traces,
+            packing.mask_dtype(backend, base_dtype(self.model)),
         )
 
     # ----- data cursor
@@ -190,7 +201,8 @@ class Trainer:
         """Summed gradients, summed loss and target count of the usable micro-batches, and why others were skipped."""
         p = self.accumulate_lazy(micro_batches)
         out = p.resolve()
-        return (p.grads if out["n_targets"] > 0 else None), out["loss_sum"], out["n_targets"], out["skipped"]
+        grads = self.flat.layout.tree(p.grads) if out["n_targets"] > 0 else None
+        return grads, out["loss_sum"], out["n_targets"], out["skipped"]
 
     def step_lazy(self, micro_batches: Sequence[Batch]) -> PendingStep:
         """One optimizer step over ``micro_batches``, weighted by target tokens; queued, not waited for."""
@@ -199,7 +211,9 @@ class Trainer:
             apply, grads = p.n_targets > 0, self.dist.sum_grads(p.grads)
             self._call("update", self._update_fn, grads, p.n_targets.astype(mx.float32), apply)
             p.updated, p.grads = apply, None
-            mx.async_eval(self.model.trainable_parameters(), self.optimizer.state, p.loss_sum, p.n_targets)
+            mx.async_eval(
+                self.flat.state, self.model.trainable_parameters(), self.optimizer.state, p.loss_sum, p.n_targets
+            )
         return p
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
@@ -234,8 +248,8 @@ class Trainer:
             self.ckpt_root,
             s.step,
             {
-                "adapters": dict(tree_flatten(self.model.trainable_parameters())),
-                "optimizer": dict(tree_flatten(self.optimizer.state)),
+                "adapters": self.flat.adapters(),
+                "optimizer": self.flat.optimizer_tensors(),
             },
             {
                 "loop": asdict(s),
