@@ -84,14 +84,14 @@ def test_no_openblas_for_a_gpu_backend(monkeypatch):
 
 
 def test_cuda_child_gets_larger_graphs_unless_the_user_chose(monkeypatch):
-    """On CUDA the training child records 100 operations per CUDA graph; a user's own value stays; CPU: untouched."""
+    """On CUDA the training child records 50 operations per CUDA graph; a user's own value stays; CPU: untouched."""
     from finetune.train.child import _blas_message
 
     monkeypatch.setattr(blas, "mlx_backend", lambda: "cuda")
     monkeypatch.setattr("finetune.train.child.mlx_backend", lambda: "cuda")
     env = blas.backend_env({})
-    assert env == {"MLX_MAX_OPS_PER_BUFFER": "100"}
-    assert "MLX_MAX_OPS_PER_BUFFER=100" in _blas_message(load_settings(), None, env)
+    assert env == {"MLX_MAX_OPS_PER_BUFFER": "50"}
+    assert "MLX_MAX_OPS_PER_BUFFER=50" in _blas_message(load_settings(), None, env)
     assert blas.backend_env({"MLX_MAX_OPS_PER_BUFFER": "40"}) == {"MLX_MAX_OPS_PER_BUFFER": "40"}
     monkeypatch.setattr(blas, "mlx_backend", lambda: "cpu")
     assert blas.backend_env({}) == {}

@@ -132,12 +132,10 @@ class LoraConfig(Section):
     layer_keys: list[str] | None = Field(
         None, description="Module keys to adapt, e.g. self_attn.q_proj; default: all linear layers."
     )
-    # Rounding, not what is computed: the master weights stay float32, so a run may resume under another value.
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="dtype of the LoRA matrix products (weights kept in float32); auto: the base layers' 16-bit "
-        "dtype on CUDA for LoRA, float32 elsewhere and for DoRA.",
-        json_schema_extra=OPERATIONAL,
+        description="dtype of the LoRA products, weights kept float32; auto: the base's 16-bit dtype on CUDA (LoRA).",
+        json_schema_extra=OPERATIONAL,  # rounding only, float32 master weights: a run may resume under another
     )
 
 

@@ -6,7 +6,7 @@ where the library is absent, nothing changes. A process whose MLX runs on a GPU
 (the mlx-cuda wheel, or Metal) does its matrix products there: nothing is
 preloaded into it. On CUDA, MLX records operations into CUDA graphs of
 ``MLX_MAX_OPS_PER_BUFFER`` operations; a LoRA step launches thousands of small
-kernels, and larger graphs cost the host less per kernel.
+kernels, and the graph size sets how much host time each one costs.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ OPENBLAS_CANDIDATES = (
 )
 DISABLE_ENV = "FINETUNE_OPENBLAS"  # set to "off" to run with the wheel's BLAS
 OPS_PER_GRAPH_ENV = "MLX_MAX_OPS_PER_BUFFER"
-# benchmarks/results/h200-2026-12-02-step.jsonl: a step of the 0.5B shape took 142 ms at 100, 150 ms at 250
-# and 175 ms at MLX's default; the 8B shape 416 vs 421 ms.
-CUDA_OPS_PER_GRAPH = "100"
+# benchmarks/results/h200-2026-12-02-b-step.jsonl (flat optimizer step): a step of the 0.5B shape took 46.5 ms
+# at 50, 53.4 at 25, 61.4 at 100 (and 60.2 at 50, 66.0 at 200, 75.7 at 100 in an earlier process); the 8B shape
+# 277 ms at 50 and 273 ms at 100. Before the flat step, MLX's default took 175 ms against 142 ms at 100.
+CUDA_OPS_PER_GRAPH = "50"
 
 
 def openblas_disabled() -> bool:

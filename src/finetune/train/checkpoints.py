@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
+from finetune.errors import FingerprintMismatch
 from finetune.fsutil import atomic_dir, discard_dir, file_digest
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,15 @@ class LoopState:
     stopped_early: bool = False
     skipped_batches: int = 0
     supervised_tokens: int = 0
+
+    def record_eval(self, val_loss: float, patience: int | None) -> bool:
+        """Note a validation loss at ``step``; True when it is the best so far (early stopping counts the others)."""
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
+            return True
+        self.evals_since_best += 1
+        self.stopped_early = patience is not None and self.evals_since_best >= patience
+        return False
 
 
 def step_dir_name(step: int) -> str:
@@ -181,3 +192,14 @@ def prune(root: Path, keep_last: int, keep_step: int | None) -> list[Path]:
 
 def load_arrays(checkpoint: Checkpoint, stem: str) -> dict[str, mx.array]:
     return mx.load(str(checkpoint.file(f"{stem}.safetensors")))
+
+
+def load_trained(checkpoint: Checkpoint, model: Any, optimizer: Any) -> None:
+    """The checkpoint's adapter into ``model``'s LoRA layers and its per-tensor state into ``optimizer``."""
+    adapter = load_arrays(checkpoint, "adapters")
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
+        raise FingerprintMismatch(f"{checkpoint.path}: adapter tensors do not match the model's LoRA layers")
+    model.load_weights(list(adapter.items()), strict=False)
+    optimizer.state = tree_unflatten(list(load_arrays(checkpoint, "optimizer").items()))
+    mx.eval(model.parameters(), optimizer.state)

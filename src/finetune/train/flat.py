@@ -13,6 +13,11 @@ The float32 buffer is the master copy: checkpoints and adapters are written from
 it, tensor by tensor and under the names mlx-lm uses, so their format does not
 depend on this layout (a checkpoint of per-tensor state restores into it).
 AdamW is elementwise, so one array gives the per-tensor update exactly.
+
+Measured on an H200 (``benchmarks/results/h200-2026-12-02-b-step.jsonl``, 0.5B
+shape): kernel launches per step 6,572 before, 3,234 after; with the LoRA path
+still in float32 a step took 100.8 ms against 144.9 ms before (the additive
+mask, worth 5.4 ms, included).
 """
 
 from __future__ import annotations

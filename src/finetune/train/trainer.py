@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from finetune.config import Settings
 from finetune.data.templating import Encoded
 from finetune.data.tokenized import TokenizedData
-from finetune.errors import FingerprintMismatch, TrainingError
+from finetune.errors import TrainingError
 from finetune.layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_EVENTS_FILE
 from finetune.train import batching, checkpoints, packing
 from finetune.train.batching import Batch
@@ -144,16 +144,10 @@ class Trainer:
             (self.run_dir / TRAIN_EVENTS_FILE).unlink(missing_ok=True)
             return None
         check_fingerprints(ckpt.state.get("fingerprints", {}), self.fingerprints, ckpt.path)
-        adapter = checkpoints.load_arrays(ckpt, "adapters")
-        expected = dict(tree_flatten(self.model.trainable_parameters()))
-        if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
-            raise FingerprintMismatch(f"{ckpt.path}: adapter tensors do not match the model's LoRA layers")
-        self.model.load_weights(list(adapter.items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(checkpoints.load_arrays(ckpt, "optimizer").items()))
+        checkpoints.load_trained(ckpt, self.model, self.optimizer)
         # Fields an older version recorded and this one dropped are ignored.
         known = LoopState.__dataclass_fields__
         self.state = LoopState(**{k: v for k, v in ckpt.state["loop"].items() if k in known})
-        mx.eval(self.model.parameters(), self.optimizer.state)
         rewrite_events(self.run_dir / TRAIN_EVENTS_FILE, ckpt.step)
         self.emit({"event": "resume", "step": ckpt.step, "checkpoint": str(ckpt.path)})
         return ckpt.step
@@ -161,9 +155,8 @@ class Trainer:
     # ----- compiled functions (built after restore: compile captures the optimizer state object)
 
     def _compile(self) -> None:
-        backend = mlx_backend()
+        backend, lora = mlx_backend(), self.settings.lora
         if self.flat is None:
-            lora = self.settings.lora
             dtype = compute_dtype(lora.compute_dtype, backend, self.model, lora.fine_tune_type)
             self.flat = FlatTrainables(self.model, self.optimizer, dtype)
         self._grad_fn, self._update_fn, self._eval_fn = compile_steps(
@@ -332,23 +325,9 @@ class Trainer:
         val_loss, improved = None, False
         if s.step % t.steps_per_eval == 0 or last:
             val_loss = self.evaluate()
-            improved = s.best_val_loss is None or val_loss < s.best_val_loss
-            if improved:
-                s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
-            else:
-                s.evals_since_best += 1
-                s.stopped_early = (
-                    t.early_stopping_patience is not None and s.evals_since_best >= t.early_stopping_patience
-                )
-            self.emit(
-                {
-                    "event": "eval",
-                    "step": s.step,
-                    "val_loss": val_loss,
-                    "best_val_loss": s.best_val_loss,
-                    "best_step": s.best_step,
-                }
-            )
+            improved = s.record_eval(val_loss, t.early_stopping_patience)
+            best = {"best_val_loss": s.best_val_loss, "best_step": s.best_step}
+            self.emit({"event": "eval", "step": s.step, "val_loss": val_loss, **best})
         # The best step always gets a checkpoint so that it survives pruning and can become the final adapter.
         if self.dist.is_main and (s.step % t.steps_per_checkpoint == 0 or last or improved or s.stopped_early):
             self.save_checkpoint(val_loss)
