@@ -15,7 +15,7 @@ from test_train import SHORT, demo_data, small_data, tokenizer  # noqa: F401  (f
 
 from finetune.config import load_settings
 from finetune.layout import ADAPTER_FILE, CHECKPOINTS_DIR
-from finetune.train import batching
+from finetune.train import batching, progress
 from finetune.train.flat import Layout, base_dtype, compute_dtype
 from finetune.train.lora import build_optimizer, load_model
 from finetune.train.memory import LossHead
@@ -87,8 +87,11 @@ def test_bf16_lora_path_trains_from_float32_master_weights(tiny_model_dir, small
     runs = {}
     for dtype in ("float32", "bfloat16"):
         settings = load_settings(None, [*SHORT, f"lora.compute_dtype={dtype}"])
-        trainer = Trainer(settings, str(tiny_model_dir), small_data, tmp_path / dtype)
+        events: list[dict] = []
+        trainer = Trainer(settings, str(tiny_model_dir), small_data, tmp_path / dtype, on_progress=events.append)
         result = trainer.run()
+        start = next(e for e in events if e["event"] == "start")
+        assert f"LoRA products in {dtype}" in progress.format_event(start)
         views = {v.dtype for _, v in tree_flatten(trainer.model.trainable_parameters())}
         saved = mx.load(str(result.adapter_dir / ADAPTER_FILE))
         runs[dtype] = result

@@ -58,6 +58,7 @@ def format_event(e: dict[str, Any]) -> str | None:
             f"training {e['total_steps']} steps on {e['train_rows']} rows ({e['valid_rows']} validation), "
             f"{e['trainable_parameters']:,} trainable parameters, {origin}; "
             f"{e.get('batching', 'bucketed')} batches on {e.get('device', '?')}"
+            + (f", LoRA products in {e['lora_dtype']}" if e.get("lora_dtype") else "")
             + (f", on {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
         )
     if kind == "rank":

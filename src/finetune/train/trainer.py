@@ -3,6 +3,8 @@
 Differences from ``mlx_lm.tuner.trainer`` and why:
 - rows are packed with block-diagonal attention: one compiled shape (``packing``, ``plan``); chunked loss and
   block recomputation (``memory``); the host waits for the device only at reports, evals and checkpoints;
+- the trainable tensors are one float32 master buffer, so an optimizer step is a few kernels (``flat``), and on
+  CUDA the LoRA products run in the base model's 16-bit dtype;
 - the loss is summed over supervised tokens and divided by the token count of
   the whole accumulated step, so gradient accumulation weights micro-batches
   by their target tokens rather than equally;
@@ -277,6 +279,7 @@ class Trainer:
                 "trainable_parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
                 "ranks": self.dist.world,
                 "device": str(mx.default_device()),
+                "lora_dtype": str(self.flat.dtype).removeprefix("mlx.core."),
                 "batching": self.plan.describe(),
             }
         )
