@@ -411,10 +411,10 @@ def write_torch_job(model_dir: Path, token_file: Path, out: Path, steps: int) ->
 
 
 def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dict) -> dict:
-    write_torch_job(model_dir, token_file, out, steps)
+    job = write_torch_job(model_dir, token_file, out, steps)
     with GpuMemory() as mem:
         proc = subprocess.run(
-            [sys.executable, __file__, "--torch-worker", str(out / "job.json")], capture_output=True, text=True
+            [sys.executable, __file__, "--torch-worker", str(job)], capture_output=True, text=True
         )
     (out / "output.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

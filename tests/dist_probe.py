@@ -47,7 +47,7 @@ def main(mode: str, *args: str) -> int:
         return 3
     state = {"w": mx.array([-0.0, 1.5, 3.25]), "step": mx.array(7, dtype=mx.uint64)}
     got = dist.broadcast_arrays(state if dist.is_main else None)
-    grads = dist.sum_grads({"a": mx.full((3,), float(dist.rank + 1)), "b": [mx.ones((2, 2))]})
+    grad = dist.sum_grad(mx.full((3,), float(dist.rank + 1)))
     if dist.is_main:
         print(
             json.dumps(
@@ -55,8 +55,7 @@ def main(mode: str, *args: str) -> int:
                     "world": dist.world,
                     "w": [str(x) for x in got["w"].tolist()],
                     "step": got["step"].item(),
-                    "a": grads["a"].tolist(),
-                    "b": grads["b"][0].tolist(),
+                    "grad": grad.tolist(),
                 }
             ),
             flush=True,

@@ -156,7 +156,7 @@ def _probe(mode: str, *args: str) -> subprocess.CompletedProcess:
 def test_ranks_agree_broadcast_exactly_and_sum_gradients():
     out = _probe("agree")
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == {"world": 2, "w": ["-0.0", "1.5", "3.25"], "step": 7, "a": [3.0] * 3, "b": [[2.0, 2.0]] * 2}
+    assert seen == {"world": 2, "w": ["-0.0", "1.5", "3.25"], "step": 7, "grad": [3.0] * 3}
 
 
 def test_a_rank_without_the_data_file_gets_rank_0s_copy(tmp_path):

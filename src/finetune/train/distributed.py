@@ -46,8 +46,6 @@ from finetune.train.lora import step_seed
 
 # Exit status of a rank whose collective waited longer than the timeout.
 WATCHDOG_EXIT = 75
-# Gradients are all-summed in buckets of about this size: one large transfer beats hundreds of small ones.
-BUCKET_BYTES = 32 << 20
 # Files are sent from rank 0 in pieces of this size (every rank holds world x this while one is in flight).
 FILE_CHUNK = 16 << 20
 # mlx.launch backend name -> mx.distributed.init backend name.
@@ -171,24 +169,17 @@ class Reducer:
             mx.eval(total)
         return total.tolist()
 
-    def sum_grads(self, grads: dict | None) -> dict | None:
-        """All-sum a gradient tree, bucketed by dtype and size."""
-        if self.world == 1 or grads is None:
-            return grads
-        flat = tree_flatten(grads)
-        summed: list[tuple[str, mx.array]] = []
-        for bucket in _buckets(flat, BUCKET_BYTES):
-            buf = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in bucket]), group=self.group)
-            offset = 0
-            for key, g in bucket:
-                summed.append((key, buf[offset : offset + g.size].reshape(g.shape)))
-                offset += g.size
-            self.comm_bytes += buf.nbytes
+    def sum_grad(self, grad: mx.array | None) -> mx.array | None:
+        """All-sum the flat gradient (``flat.FlatTrainables``): one collective a step."""
+        if self.world == 1 or grad is None:
+            return grad
+        summed = mx.distributed.all_sum(grad, group=self.group)
+        self.comm_bytes += summed.nbytes
         tic = time.perf_counter()
         with self._waiting("gradient all-reduce"):
-            mx.eval([g for _, g in summed])
+            mx.eval(summed)
         self.comm_seconds += time.perf_counter() - tic
-        return tree_unflatten(summed)
+        return summed
 
     # ----- rank 0 to all
 
@@ -340,16 +331,3 @@ def runtime_fingerprint() -> str:
     from importlib.metadata import version
 
     return ",".join(f"{name}=={version(name)}" for name in ("mlx", "mlx-lm"))
-
-
-def _buckets(flat: list[tuple[str, mx.array]], limit: int) -> Iterator[list[tuple[str, mx.array]]]:
-    bucket: list[tuple[str, mx.array]] = []
-    size = 0
-    for key, g in flat:
-        if bucket and (g.dtype != bucket[0][1].dtype or size + g.nbytes > limit):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((key, g))
-        size += g.nbytes
-    if bucket:
-        yield bucket

@@ -105,16 +105,21 @@ class FlatTrainables:
         self.layout = Layout.of(trainable)
         per_tensor = optimizer.state
         flat_state = {k: v for k, v in per_tensor.items() if isinstance(v, mx.array)}  # step, learning_rate
-        moments = {name: s for name, s in tree_flatten(per_tensor) if name.rpartition(".")[0] in self.layout.names}
+        names = set(self.layout.names)
+        moments = {name: s for name, s in tree_flatten(per_tensor) if name.rpartition(".")[0] in names}
         slots = sorted({name.rpartition(".")[2] for name in moments})  # AdamW: m, v
         flat_state[KEY] = {
             slot: mx.concatenate([moments[f"{n}.{slot}"].reshape(-1) for n in self.layout.names]) for slot in slots
         }
         self.state = {"master": self.layout.flatten(trainable, mx.float32)}
         optimizer.state = flat_state
-        optimizer.init({KEY: self.state["master"]})  # a fresh optimizer has no moments yet: zeros, as per tensor
+        optimizer.init({KEY: self.state["master"]})  # marks it initialised (it would re-init inside the trace)
         self.show(self.state["master"])
         mx.eval(self.state, optimizer.state, model.parameters())
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in COMPUTE_DTYPES.items() if v == self.dtype)
 
     def show(self, master: mx.array) -> None:
         """Point the model's trainable tensors at ``master``, in the compute dtype (one cast for all)."""

@@ -203,7 +203,7 @@ class Trainer:
         """One optimizer step over ``micro_batches``, weighted by target tokens; queued, not waited for."""
         p = self.accumulate_lazy(micro_batches)
         if p.grads is not None:
-            apply, grads = p.n_targets > 0, self.dist.sum_grads(p.grads)
+            apply, grads = p.n_targets > 0, self.dist.sum_grad(p.grads)
             self._call("update", self._update_fn, grads, p.n_targets.astype(mx.float32), apply)
             p.updated, p.grads = apply, None
             mx.async_eval(
@@ -279,7 +279,7 @@ class Trainer:
                 "trainable_parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
                 "ranks": self.dist.world,
                 "device": str(mx.default_device()),
-                "lora_dtype": str(self.flat.dtype).removeprefix("mlx.core."),
+                "lora_dtype": self.flat.dtype_name,
                 "batching": self.plan.describe(),
             }
         )
