@@ -413,9 +413,7 @@ def write_torch_job(model_dir: Path, token_file: Path, out: Path, steps: int) ->
 def run_torch(model_dir: Path, token_file: Path, out: Path, steps: int, cfg: dict) -> dict:
     job = write_torch_job(model_dir, token_file, out, steps)
     with GpuMemory() as mem:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--torch-worker", str(job)], capture_output=True, text=True
-        )
+        proc = subprocess.run([sys.executable, __file__, "--torch-worker", str(job)], capture_output=True, text=True)
     (out / "output.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"torch worker failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
